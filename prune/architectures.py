@@ -7,6 +7,9 @@ architecture names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from torch import nn
 
 # Dotted attribute paths of the decoder-block list, tried in order. Covers the
@@ -85,6 +88,25 @@ def find_layer_path(model: nn.Module, num_layers: int | None) -> str | None:
     # Prefer the shallowest list: nested per-block lists are deeper.
     candidates.sort(key=lambda item: item[0].count("."))
     return candidates[0][0]
+
+
+# Config settings under which a block's weights or computation depend on its
+# index, so a renumbered block would not compute what it did before once the
+# checkpoint is reloaded (GPT-2's inverse-index attention scaling; MoE models
+# that place sparse blocks every N-th index). Maps field -> "is it in effect?".
+INDEX_DEPENDENT_SETTINGS: dict[str, Callable[[Any], bool]] = {
+    "scale_attn_by_inverse_layer_idx": bool,
+    "decoder_sparse_step": lambda value: isinstance(value, int) and value > 1,
+}
+
+
+def index_dependent_setting(config: Any) -> str | None:
+    """The first setting that ties blocks to their index (e.g. 'decoder_sparse_step=2'), or None."""
+    for name, in_effect in INDEX_DEPENDENT_SETTINGS.items():
+        value = getattr(config, name, None)
+        if value is not None and in_effect(value):
+            return f"{name}={value!r}"
+    return None
 
 
 def supported_list() -> str:

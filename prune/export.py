@@ -31,11 +31,34 @@ PRUNE_JSON = "prune.json"
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty folder unless overwriting (checked before any work starts)."""
+    """Refuse a non-empty folder (unless overwriting) or an unwritable place, before any work starts."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise PruneError(f"output '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise PruneError(f"output folder '{out}' exists and is not empty (pass --overwrite to replace it)")
+    # The temp folder is created beside `out`: the nearest existing ancestor must be a writable folder.
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PruneError(f"cannot write output folder '{out}': '{parent}' is not a writable folder")
+
+
+def parse_shard_size(size: str | int) -> int:
+    """'500MB', '2GB', '5MiB' or a byte count -> bytes; PruneError on anything else."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        if isinstance(size, int) or str(size).strip().isdigit():
+            value = int(size)
+        else:
+            value = convert_file_size_to_int(size)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise PruneError(f"bad --max-shard-size value {size!r} (use e.g. 500MB, 2GB or a number of bytes)")
+    return value
 
 
 def _stamp_safetensors(folder: Path, metadata: dict[str, str]) -> None:
@@ -81,10 +104,14 @@ def export_checkpoint(
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    shard_bytes = parse_shard_size(max_shard_size)
     try:
-        loaded.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise PruneError(f"cannot write output folder '{out}': {exc.strerror or exc}") from exc
+    try:
+        loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         record = prune_record(loaded, removed, layers_before, extra)
@@ -107,6 +134,9 @@ def export_checkpoint(
             else:
                 target.write_text(content)
         _replace_dir(tmp, out)
+    except OSError as exc:  # disk full, permissions, ...: no half-written folder, one-line error
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PruneError(f"cannot write output folder '{out}': {exc.strerror or exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -118,7 +148,12 @@ def _replace_dir(new: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / "x")
-        os.replace(new, out)
+        try:
+            os.replace(new, out)
+        except BaseException:
+            os.replace(old / "x", out)  # put the old folder back
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new, out)
@@ -140,6 +175,7 @@ def drop_and_export(
 
     out = Path(out)
     check_output_dir(out, overwrite)  # before the (slow) load
+    parse_shard_size(max_shard_size)
     loaded = load_model(spec, dtype=dtype, device=device)
     before = count_layers(loaded.model)
     removal = drop_layers(loaded.model, layers)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from prune.errors import PruneError
 
@@ -120,8 +121,15 @@ def _embedded_path(name: str) -> Path:
         raise PruneError(f"embedded model '{name}': {shipped} is missing; reinstall the package")
     target = cache_root() / "embedded" / entry.filename
     if not target.exists():
+        # Assemble beside the target and rename, so an interrupted or concurrent
+        # run never leaves a truncated file that later looks complete.
         target.parent.mkdir(parents=True, exist_ok=True)
-        assemble(output_path=target)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            assemble(output_path=tmp / entry.filename)
+            os.replace(tmp / entry.filename, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -205,7 +213,12 @@ def gguf_checkpoint(path: Path, sha256: str) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished first: use its copy
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -229,8 +242,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     except OSError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PruneError(f"cannot load model '{spec}': {first}") from exc
-    except ValueError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except (ValueError, StrictDataclassError) as exc:
+        # Config validation wraps the real ValueError: report that one.
+        cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
         raise PruneError(f"cannot load model '{spec}' (unsupported architecture?): {first}") from exc
     if source.kind == "hub":
         revision = getattr(model.config, "_commit_hash", None)

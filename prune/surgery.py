@@ -20,6 +20,7 @@ from prune.architectures import (
     LAYER_INDEX_FIELDS,
     PER_LAYER_FIELDS,
     find_layer_path,
+    index_dependent_setting,
     supported_list,
 )
 from prune.errors import PruneError
@@ -57,13 +58,25 @@ class LayerStack:
 
 def locate_layers(model: nn.Module) -> LayerStack:
     """Find the decoder-block list of a causal LM, or raise PruneError naming the supported ones."""
-    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    config = getattr(model, "config", None)
+    if config is None:
+        raise PruneError(
+            f"unsupported model '{type(model).__name__}': not a transformers model (no config); "
+            f"supported types include {supported_list()}"
+        )
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    if getattr(config, "is_encoder_decoder", False):
         raise PruneError(
             f"unsupported architecture '{model_type}': encoder-decoder models are not "
             f"supported; supported decoder-only types include {supported_list()}"
         )
-    path = find_layer_path(model, _config_layer_count(model))
+    num_layers = _config_layer_count(model)
+    if num_layers is None:
+        raise PruneError(
+            f"unsupported architecture '{model_type}': its config has no num_hidden_layers; "
+            f"supported types include {supported_list()}"
+        )
+    path = find_layer_path(model, num_layers)
     if path is None:
         raise PruneError(
             f"unsupported architecture '{model_type}': no decoder-block list found; "
@@ -175,6 +188,12 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> Removal:
     """Remove the given blocks from `model` in place (no weight copies) and return an undo record."""
     stack = locate_layers(model)
     removed = normalize_indices(list(indices), len(stack))
+    setting = index_dependent_setting(text_config(model))
+    if setting is not None:
+        raise PruneError(
+            f"cannot remove layers from this '{model.config.model_type}' model: with {setting} "
+            "a block computes differently at another index, so the result would not match"
+        )
     removed_set = set(removed)
     keep = [i for i in range(len(stack)) if i not in removed_set]
     new_layers = nn.ModuleList([stack.layers[i] for i in keep])

@@ -35,14 +35,40 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=chars[0], pad_token=chars[0])
 
 
+def _every_third_full(num_layers: int) -> list[str]:
+    """Gemma 3 style: mostly sliding-window layers, every third one full attention."""
+    return ["full_attention" if i % 3 == 2 else "sliding_attention" for i in range(num_layers)]
+
+
+# Small token ids for every architecture (some defaults, e.g. Phi-3's pad 32000, exceed VOCAB).
+TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+_DECODER = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+
 # Per-architecture config overrides: sizes kept tiny, names as each config spells them.
+# A callable value is called with the layer count (for per-layer lists).
 CONFIGS: dict[str, dict] = {
-    "llama": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2),
+    "llama": dict(_DECODER),
+    "mistral": dict(_DECODER, sliding_window=4),
+    "qwen2": dict(_DECODER),
+    "qwen3": dict(_DECODER, head_dim=8),
+    "gemma2": dict(_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
+    "gemma3_text": dict(
+        _DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, layer_types=_every_third_full
+    ),
+    "phi3": dict(_DECODER),
+    "olmo2": dict(_DECODER),
+    "gpt2": dict(n_embd=32, n_head=4, n_inner=64, n_positions=64),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=64),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+    "falcon": dict(hidden_size=32, num_attention_heads=4),
 }
 
 
 def tiny_config(model_type: str, num_layers: int = 4, **overrides):
-    kwargs = {"vocab_size": VOCAB, "num_hidden_layers": num_layers, **CONFIGS[model_type], **overrides}
+    """The config of a tiny `model_type` model with `num_layers` blocks."""
+    kwargs = {"vocab_size": VOCAB, "num_hidden_layers": num_layers, **TOKEN_IDS, **CONFIGS[model_type], **overrides}
+    kwargs = {k: v(num_layers) if callable(v) else v for k, v in kwargs.items()}
     return AutoConfig.for_model(model_type, **kwargs)
 
 

@@ -1,0 +1,122 @@
+"""Calibration text for the cosine and perplexity measures.
+
+A source is one of:
+- a `.txt` file (one sample per blank-line-separated paragraph; one per line when
+  there are no blank lines),
+- a `.jsonl` file (each record's `text`, else `context` (+ `continuation`), else
+  its first string field),
+- a Hugging Face dataset name, `name[:config][@split]` (for users who are online),
+- nothing: the default, LAMBADA (OpenAI) passages from `<data_dir>/lambada_openai.jsonl`,
+  which are real book text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from prune.errors import PruneError
+
+DEFAULT_FILE = "lambada_openai.jsonl"
+
+
+def _record_text(record: object) -> str | None:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    if isinstance(record.get("context"), str):
+        cont = record.get("continuation")
+        return record["context"] + (" " + cont if isinstance(cont, str) else "")
+    return next((v for v in record.values() if isinstance(v, str)), None)
+
+
+def read_text_file(path: Path) -> list[str]:
+    """Samples from a .txt or .jsonl file; PruneError for missing, unreadable or empty files."""
+    if not path.exists():
+        raise PruneError(
+            f"calibration file '{path}' does not exist (accepted: a .txt or .jsonl file, or a dataset name)"
+        )
+    if not path.is_file():
+        raise PruneError(
+            f"calibration source '{path}' is not a file (accepted: a .txt or .jsonl file)"
+        )
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PruneError(f"cannot read calibration file '{path}': {exc}") from exc
+    if path.suffix.lower() in (".jsonl", ".json"):
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = _record_text(json.loads(line))
+            except ValueError:
+                raise PruneError(
+                    f"calibration file '{path}' line {lineno} is not valid JSON"
+                ) from None
+            if text and text.strip():
+                texts.append(text)
+    else:
+        blocks = [b.strip() for b in raw.split("\n\n")]
+        texts = (
+            [b for b in blocks if b]
+            if len(blocks) > 1
+            else [ln.strip() for ln in raw.splitlines() if ln.strip()]
+        )
+    if not texts:
+        raise PruneError(f"calibration file '{path}' has no text")
+    return texts
+
+
+def read_hf_dataset(spec: str) -> list[str]:
+    """Texts from a Hugging Face dataset `name[:config][@split]` (needs network or a local HF cache)."""
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:  # datasets raises many types for missing/offline datasets
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PruneError(f"cannot load calibration dataset '{spec}': {first}") from exc
+    texts = [t for t in (_record_text(r) for r in data) if t and t.strip()]
+    if not texts:
+        raise PruneError(f"calibration dataset '{spec}' has no text field")
+    return texts
+
+
+def load_calibration(
+    source: str | os.PathLike | None = None, *, samples: int = 64, data_dir: str | None = None
+) -> list[str]:
+    """The first `samples` calibration texts from `source` (see the module docstring)."""
+    if samples < 1:
+        raise PruneError(f"samples {samples} is invalid (accepted: an integer >= 1)")
+    if source in (None, ""):
+        from prune.tasks import DATA_ENV, default_data_dir, find_data_dir
+
+        folder = find_data_dir(data_dir)
+        if folder is None or not (folder / DEFAULT_FILE).is_file():
+            raise PruneError(
+                f"no calibration text: the default needs {DEFAULT_FILE} in the data folder "
+                f"(--data-dir, {DATA_ENV}, or {default_data_dir()}); or pass --calibration FILE"
+            )
+        texts = read_text_file(folder / DEFAULT_FILE)
+    else:
+        path = Path(source).expanduser()
+        looks_like_file = path.suffix.lower() in (
+            ".txt",
+            ".jsonl",
+            ".json",
+            ".text",
+        ) or os.sep in str(source)
+        texts = (
+            read_text_file(path)
+            if path.exists() or looks_like_file
+            else read_hf_dataset(str(source))
+        )
+    return texts[:samples]

@@ -1,0 +1,426 @@
+"""Per-layer relevance scores: cosine (ShortGPT / Gromov et al.), accuracy drop, perplexity increase.
+
+Every measure returns a `Ranking`: one `LayerScore` per block (or per span of
+`block_size` consecutive blocks), where a higher score means the block matters
+more. `Ranking.order()` lists block indices least relevant first, the order in
+which a pruner would remove them.
+
+- cosine: `1 - cos(h_in, h_out)` between a block's real input and output, read
+  with forward hooks (not `output_hidden_states`, whose last entry is
+  final-normed in most architectures), averaged over all non-padding tokens.
+  With `block_size=n > 1` it is the angular distance arccos(cos)/pi between the
+  input of block i and the output of block i+n-1 (Gromov et al.).
+- accuracy: baseline score minus the score with the block removed, per task and
+  averaged over tasks (lm-eval, through `prune.evaluate.evaluate_removals`).
+- perplexity: perplexity with the block removed minus the baseline perplexity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from prune.errors import PruneError
+from prune.evaluate import (
+    EvalSettings,
+    ResultCache,
+    TaskScore,
+    evaluate_removals,
+    model_fingerprint,
+    perplexity,
+)
+
+MEASURES = ("cosine", "accuracy", "perplexity")
+
+
+@dataclass
+class LayerScore:
+    """The relevance of one block (or of the span `index .. index+span-1`); higher = matters more."""
+
+    index: int
+    score: float
+    stderr: float | None = None
+    span: int = 1
+    per_task: dict[str, float] = field(default_factory=dict)
+    per_task_stderr: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The blocks this score is about."""
+        return tuple(range(self.index, self.index + self.span))
+
+
+@dataclass
+class Ranking:
+    """Scores of one measure for every block of a model (indices of the model as given)."""
+
+    measure: str  # "cosine", "angular", "accuracy" or "perplexity"
+    scores: list[LayerScore]
+    num_layers: int
+    baseline: dict[str, TaskScore] | float | None = None  # task scores, or the base perplexity
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def order(self) -> list[int]:
+        """Block (span start) indices, least relevant first; ties keep the lower index first."""
+        return [s.index for s in sorted(self.scores, key=lambda s: (s.score, s.index))]
+
+    def by_index(self) -> dict[int, LayerScore]:
+        return {s.index: s for s in self.scores}
+
+    def to_dict(self) -> dict[str, Any]:
+        base = self.baseline
+        if isinstance(base, dict):
+            base = {k: v.to_dict() for k, v in base.items()}
+        return {
+            "measure": self.measure,
+            "num_layers": self.num_layers,
+            "baseline": base,
+            "settings": self.settings,
+            "order": self.order(),
+            "layers": [asdict(s) for s in self.scores],
+        }
+
+
+# --------------------------------------------------------------------------- cosine
+
+
+def _batches(
+    tokenizer: Any, texts: Sequence[str], seq_len: int, batch_size: int, device: torch.device
+):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+    encoded = [ids for ids in encoded if ids]
+    if not encoded:
+        raise PruneError("calibration texts produced no tokens")
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        yield input_ids.to(device), mask.to(device)
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    """The hidden-state tensor of a block's input args or output (tensor or tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    raise PruneError(
+        f"cannot read hidden states from a block output of type {type(value).__name__}"
+    )
+
+
+@torch.no_grad()
+def block_cosines(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, block_size: int = 1
+) -> torch.Tensor:
+    """cos(input of block i, output of block i+block_size-1) per token: (spans, B, T).
+
+    Hooks capture each block's real input and output during one forward pass.
+    """
+    from prune.surgery import locate_layers
+
+    blocks = list(locate_layers(model).layers)
+    n_spans = len(blocks) - block_size + 1
+    inputs: dict[int, torch.Tensor] = {}
+    cosines: list[torch.Tensor | None] = [None] * n_spans
+    handles = []
+
+    def pre_hook(i):
+        def hook(module, args, kwargs):
+            states = args[0] if args else kwargs.get("hidden_states")
+            inputs[i] = _hidden(states).detach()
+
+        return hook
+
+    def post_hook(j):
+        def hook(module, args, kwargs, output):
+            i = j - block_size + 1
+            if i >= 0:
+                h_in, h_out = inputs.pop(i).float(), _hidden(output).detach().float()
+                cosines[i] = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # (B, T)
+
+        return hook
+
+    try:
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+            handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
+        try:
+            model(**kwargs, logits_to_keep=1)  # the LM head is not needed
+        except TypeError:
+            model(**kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(c is None for c in cosines):
+        raise PruneError(
+            "a block was not called during the forward pass; cannot compute cosine relevance"
+        )
+    return torch.stack(cosines)  # (spans, B, T)
+
+
+def cosine_relevance(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    block_size: int = 1,
+    angular: bool | None = None,
+    progress: bool = False,
+) -> Ranking:
+    """Rank blocks by how much they change the hidden state, from one pass over `texts`.
+
+    Score per token: `1 - cos` (block_size 1), or the angular distance
+    `arccos(cos) / pi` (block_size > 1, or `angular=True`). The layer score is the
+    mean over all non-padding tokens of all texts; `stderr` is the standard error
+    across texts (tokens of one text are not independent).
+    """
+    from tqdm.auto import tqdm
+
+    from prune.surgery import count_layers
+
+    num_layers = count_layers(model)
+    if not 1 <= block_size <= num_layers - 1:
+        raise PruneError(
+            f"block size {block_size} is invalid for {num_layers} layers (accepted: 1..{num_layers - 1})"
+        )
+    if seq_len < 2 or batch_size < 1:
+        raise PruneError(
+            f"seq_len {seq_len} / batch_size {batch_size} invalid (accepted: seq_len >= 2, batch_size >= 1)"
+        )
+    use_angular = block_size > 1 if angular is None else angular
+    device = next(model.parameters()).device
+    per_text: list[torch.Tensor] = []  # (spans,) mean score of each text
+    total, count = None, 0
+    batches = list(_batches(tokenizer, texts, seq_len, batch_size, device))
+    for input_ids, mask in tqdm(
+        batches, desc="cosine relevance", unit="batch", disable=not progress
+    ):
+        cos = block_cosines(model, input_ids, mask, block_size).clamp(-1.0, 1.0)  # (S, B, T)
+        score = torch.arccos(cos) / math.pi if use_angular else 1.0 - cos
+        weights = mask.to(score.dtype)  # (B, T)
+        summed = (score * weights).sum(dim=-1)  # (S, B)
+        per_text.extend((summed / weights.sum(dim=-1).clamp(min=1)).T)
+        batch_total = summed.sum(dim=-1)
+        total = batch_total if total is None else total + batch_total
+        count += int(weights.sum())
+    means = (total / count).tolist()
+    stacked = torch.stack(per_text)  # (N, S)
+    stderr = (
+        (stacked.std(dim=0, unbiased=True) / math.sqrt(len(per_text))).tolist()
+        if len(per_text) > 1
+        else [None] * len(means)
+    )
+    scores = [
+        LayerScore(i, float(m), None if s is None else float(s), span=block_size)
+        for i, (m, s) in enumerate(zip(means, stderr, strict=False))
+    ]
+    settings = {
+        "samples": len(texts),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "block_size": block_size,
+        "tokens": count,
+    }
+    return Ranking("angular" if use_angular else "cosine", scores, num_layers, None, settings)
+
+
+def cached_cosine_relevance(
+    loaded: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    block_size: int = 1,
+    cache: ResultCache | None = None,
+    progress: bool = False,
+) -> Ranking:
+    """`cosine_relevance` on `loaded.model`, reusing a cached ranking for the same weights and texts."""
+    import hashlib
+    import json
+
+    if cache is None:
+        return cosine_relevance(
+            loaded.model,
+            loaded.tokenizer,
+            texts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            block_size=block_size,
+            progress=progress,
+        )
+    payload = {
+        "model": model_fingerprint(loaded),
+        "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+        "seq_len": seq_len,
+        "block_size": block_size,
+        "measure": "cosine",
+    }
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    data = cache.get_json(key)
+    if isinstance(data, dict):
+        try:
+            scores = [LayerScore(**row) for row in data["layers"]]
+            return Ranking(data["measure"], scores, data["num_layers"], None, data["settings"])
+        except (KeyError, TypeError):
+            pass  # an old or corrupt entry: recompute
+    ranking = cosine_relevance(
+        loaded.model,
+        loaded.tokenizer,
+        texts,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        block_size=block_size,
+        progress=progress,
+    )
+    cache.put_json(key, ranking.to_dict())
+    return ranking
+
+
+# --------------------------------------------------------------------------- accuracy / perplexity
+
+
+def _spans(num_layers: int, block_size: int, layers: Sequence[int] | None) -> list[tuple[int, ...]]:
+    if not 1 <= block_size <= num_layers - 1:
+        raise PruneError(
+            f"block size {block_size} is invalid for {num_layers} layers (accepted: 1..{num_layers - 1})"
+        )
+    starts = range(num_layers - block_size + 1) if layers is None else layers
+    out = []
+    for start in starts:
+        if -num_layers <= start < 0:
+            start += num_layers
+        if not 0 <= start <= num_layers - block_size:
+            raise PruneError(
+                f"layer {start} is out of range (accepted: 0..{num_layers - block_size})"
+            )
+        out.append(tuple(range(start, start + block_size)))
+    return out
+
+
+def _drop(base: TaskScore, removed: TaskScore) -> float:
+    diff = base.value - removed.value
+    return diff if base.higher_is_better else -diff
+
+
+def accuracy_relevance(
+    loaded: Any,
+    settings: EvalSettings,
+    *,
+    layers: Sequence[int] | None = None,
+    block_size: int = 1,
+    engine: str = "lm-eval",
+    cache: ResultCache | None = None,
+    progress: bool = True,
+) -> Ranking:
+    """Rank blocks by the score lost when each is removed: baseline - score without it.
+
+    Per task and averaged over tasks. `stderr` of a drop combines the two runs'
+    lm-eval standard errors as if independent (conservative: the runs share
+    documents); the mean's stderr is sqrt(sum of squares) / number of tasks.
+    """
+    from prune.surgery import count_layers
+
+    num_layers = count_layers(loaded.model)
+    spans = _spans(num_layers, block_size, layers)
+    results = evaluate_removals(
+        loaded, settings, [(), *spans], engine=engine, cache=cache, progress=progress
+    )
+    base, rest = results[0], results[1:]
+    scores = []
+    for span, result in zip(spans, rest, strict=False):
+        per_task, per_err = {}, {}
+        for task, b in base.items():
+            r = result[task]
+            per_task[task] = _drop(b, r)
+            per_err[task] = (
+                math.hypot(b.stderr, r.stderr)
+                if b.stderr is not None and r.stderr is not None
+                else None
+            )
+        mean = sum(per_task.values()) / len(per_task)
+        errs = list(per_err.values())
+        err = (
+            math.sqrt(sum(e * e for e in errs)) / len(errs)
+            if errs and all(e is not None for e in errs)
+            else None
+        )
+        scores.append(LayerScore(span[0], mean, err, block_size, per_task, per_err))
+    meta = {k: v for k, v in settings.__dict__.items()} | {
+        "engine": engine,
+        "block_size": block_size,
+    }
+    meta["tasks"] = list(settings.tasks)
+    return Ranking("accuracy", scores, num_layers, base, meta)
+
+
+def perplexity_relevance(
+    loaded: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    layers: Sequence[int] | None = None,
+    block_size: int = 1,
+    cache: ResultCache | None = None,
+    progress: bool = True,
+) -> Ranking:
+    """Rank blocks by the perplexity increase on `texts` when each is removed (SLEB style)."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from prune.surgery import count_layers, layers_removed
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    num_layers = count_layers(model)
+    spans = _spans(num_layers, block_size, layers)
+    text_id = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    pseudo = EvalSettings(tasks=(f"perplexity:{text_id}:{seq_len}",), seed=0)
+    fingerprint = model_fingerprint(loaded) if cache is not None else ""
+    values: list[float] = []
+    for removed in tqdm(
+        [(), *spans], desc="perplexity relevance", unit="model", disable=not progress
+    ):
+        key = (
+            ResultCache.key(fingerprint, removed, pseudo.tasks[0], pseudo, "perplexity")
+            if cache
+            else ""
+        )
+        value = cache.get_value(key) if cache else None
+        if value is None:
+            with layers_removed(model, removed):
+                value = perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+            if cache:
+                cache.put(
+                    key, TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False)
+                )
+        values.append(value)
+    base = values[0]
+    scores = [
+        LayerScore(span[0], v - base if math.isfinite(v) else float("inf"), None, block_size)
+        for span, v in zip(spans, values[1:], strict=False)
+    ]
+    settings = {
+        "samples": len(texts),
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "block_size": block_size,
+    }
+    return Ranking("perplexity", scores, num_layers, base, settings)

@@ -1,0 +1,271 @@
+"""Relevance measures on tiny models: cosine hooks, identity and destroying blocks, cache and resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_tasks import _loglik
+from tiny import byte_tokenizer, tiny_model
+
+import prune.evaluate as evaluate_mod
+from prune.evaluate import EvalSettings, ResultCache, TaskScore, evaluate_removals, perplexity
+from prune.models import LoadedModel
+from prune.relevance import accuracy_relevance, cosine_relevance, perplexity_relevance
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "A stitch in time saves nine, as my grandmother used to say often.",
+    "Short one.",
+]
+
+
+def _loaded(model) -> LoadedModel:
+    return LoadedModel(model, byte_tokenizer(), None, None)
+
+
+def _make_identity(model, index: int) -> None:
+    """Zero the block's output projections: its output equals its input exactly."""
+    block = model.model.layers[index]
+    with torch.no_grad():
+        block.self_attn.o_proj.weight.zero_()
+        block.mlp.down_proj.weight.zero_()
+
+
+def _last_block_output(model, ids):
+    from prune.surgery import locate_layers
+
+    captured = {}
+    block = locate_layers(model).layers[-1]
+    handle = block.register_forward_hook(
+        lambda m, a, o: captured.setdefault("out", o[0] if isinstance(o, tuple) else o)
+    )
+    with torch.no_grad():
+        model(**ids)
+    handle.remove()
+    return captured["out"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_hook_cosine_matches_hidden_states_except_last(model_type):
+    model, tok = tiny_model(model_type, 4, seed=1), byte_tokenizer()
+    text = TEXTS[0][:50]  # shorter than seq_len and than GPT-2's 64 positions
+    ranking = cosine_relevance(model, tok, [text], seq_len=60, batch_size=1)
+    ids = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        hs = model(**ids, output_hidden_states=True).hidden_states  # embeddings + one per block
+
+    def one_minus_cos(a, b):
+        return float((1 - torch.cosine_similarity(a, b, dim=-1)).mean())
+
+    direct = [one_minus_cos(hs[i], hs[i + 1]) for i in range(4)]
+    hooked = [s.score for s in ranking.scores]
+    assert hooked[:3] == pytest.approx(direct[:3], abs=1e-5)
+    # The last score uses the block's real output, read with a hook.
+    raw_last = _last_block_output(model, ids)
+    assert hooked[3] == pytest.approx(one_minus_cos(hs[3], raw_last), abs=1e-5)
+    if model_type == "gpt2":
+        # GPT-2 reports hidden_states[-1] after its final norm (ln_f): the naive reading is wrong.
+        assert not torch.allclose(hs[-1], raw_last)
+        assert abs(hooked[3] - direct[3]) > 1e-3
+
+
+def test_cosine_ignores_padding_and_ranks_identity_block_least_relevant():
+    model, tok = tiny_model("llama", 4, seed=2), byte_tokenizer()
+    _make_identity(model, 2)
+    ranking = cosine_relevance(model, tok, TEXTS, seq_len=64, batch_size=2)
+    assert ranking.order()[0] == 2
+    assert ranking.scores[2].score == pytest.approx(0.0, abs=1e-6)
+    assert all(s.stderr is not None for s in ranking.scores)
+    # One text alone gives the same per-text score as inside a padded batch.
+    alone = cosine_relevance(model, tok, [TEXTS[2]], seq_len=64, batch_size=1)
+    padded = cosine_relevance(model, tok, [TEXTS[0], TEXTS[2]], seq_len=64, batch_size=2)
+    n0, n2 = len(TEXTS[0]), len(TEXTS[2])
+    for a, p, first in zip(
+        alone.scores,
+        padded.scores,
+        cosine_relevance(model, tok, [TEXTS[0]], seq_len=64).scores,
+        strict=True,
+    ):
+        assert p.score == pytest.approx((first.score * n0 + a.score * n2) / (n0 + n2), abs=1e-5)
+
+
+def test_angular_distance_for_spans():
+    model, tok = tiny_model("llama", 4, seed=2), byte_tokenizer()
+    ranking = cosine_relevance(model, tok, [TEXTS[0]], seq_len=64, block_size=2)
+    assert ranking.measure == "angular" and len(ranking.scores) == 3
+    assert all(0 <= s.score <= 1 and s.layers == (s.index, s.index + 1) for s in ranking.scores)
+
+
+def _gold_task(tmp_path, model, n: int = 12) -> str:
+    """A task folder whose gold answers are the model's own choices (baseline accuracy 1.0)."""
+    gen = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    rows = []
+    for _ in range(n):
+        query = (
+            "Question: "
+            + "".join(letters[i] for i in torch.randint(0, 26, (12,), generator=gen))
+            + "\nAnswer:"
+        )
+        choices = [
+            "".join(letters[i] for i in torch.randint(0, 26, (5,), generator=gen)) for _ in range(4)
+        ]
+        lls = [_loglik(model, query, " " + c) for c in choices]
+        rows.append(
+            {"query": query, "choices": choices, "gold": max(range(4), key=lambda i: lls[i])}
+        )
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (folder / "mine.yaml").write_text(
+        f"task: my_gold_task\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mine.jsonl'}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: query\ndoc_to_target: gold\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    return str(folder)
+
+
+def test_accuracy_identity_block_drops_exactly_zero_and_destroyer_is_most_relevant(tmp_path):
+    model = tiny_model("llama", 4, seed=5)
+    _make_identity(model, 1)
+    # Block 2 swamps the residual stream with a huge constant: the model's answers become
+    # input-independent, so removing any other block changes nothing, removing block 2 everything.
+    direction = (
+        torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 1e4
+    )
+
+    def destroy(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + direction
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.model.layers[2].register_forward_hook(destroy)
+    try:
+        include = _gold_task(tmp_path, model)
+        settings = EvalSettings(tasks=("my_gold_task",), include_path=include, batch_size=4)
+        ranking = accuracy_relevance(_loaded(model), settings, progress=False)
+    finally:
+        handle.remove()
+    assert ranking.baseline["my_gold_task"].value == 1.0
+    drops = {s.index: s.score for s in ranking.scores}
+    assert drops[1] == 0.0
+    assert ranking.order()[-1] == 2 and drops[2] > 0.3
+    assert (
+        ranking.scores[2].stderr is not None
+        and ranking.scores[2].per_task["my_gold_task"] == drops[2]
+    )
+
+
+class FakeEngine:
+    """Stands in for prune.fasteval: score = number of layers left; records each call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[tuple[int, ...]]] = []
+        self.fail_after: int | None = None
+
+    @property
+    def seen(self) -> list[tuple[int, ...]]:
+        return [c for call in self.calls for c in call]
+
+    def __call__(self, model, tokenizer, settings, candidates):
+        if self.fail_after is not None and len(self.seen) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append([tuple(c) for c in candidates])
+        out = []
+        for cand in candidates:
+            left = len(model.model.layers) - len(cand)
+            out.append({t: TaskScore(t, "acc", left / 10, 0.01, 10) for t in settings.tasks})
+        return out
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    engine = FakeEngine()
+    monkeypatch.setattr(evaluate_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(evaluate_mod, "_task_names", lambda s: list(s.tasks))
+    return engine
+
+
+def test_cache_resumes_after_interruption_and_survives_corruption(tmp_path, fake_engine):
+    loaded = _loaded(tiny_model("llama", 4))
+    settings = EvalSettings(tasks=("a", "b"), limit=5)
+    cands = [(), (0,), (1,), (2,), (3,)]
+    cache = ResultCache(tmp_path / "results")
+    uncached = evaluate_removals(loaded, settings, cands, engine="fast", progress=False)
+    assert fake_engine.calls == [cands]  # one shared call for all candidates
+    assert uncached[1]["a"].value == pytest.approx(0.3)
+    fake_engine.calls.clear()
+    fake_engine.fail_after = 2
+    run = dict(engine="fast", cache=cache, progress=False, chunk_size=1)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_removals(loaded, settings, cands, **run)
+    assert fake_engine.seen == [(), (0,)]
+    fake_engine.calls.clear()
+    fake_engine.fail_after = None
+    resumed = evaluate_removals(loaded, settings, cands, **run)
+    assert fake_engine.seen == [(1,), (2,), (3,)]  # only what was missing
+    assert resumed == uncached
+    # A corrupt entry is recomputed, never fatal.
+    victim = next((tmp_path / "results").rglob("*.json"))
+    victim.write_text("{not json")
+    fake_engine.calls.clear()
+    again = evaluate_removals(loaded, settings, cands, **run)
+    assert again == uncached and len(fake_engine.seen) == 1
+    # Different settings (limit) do not reuse entries.
+    fake_engine.calls.clear()
+    evaluate_removals(loaded, EvalSettings(tasks=("a",), limit=6), [()], **run)
+    assert fake_engine.seen == [()]
+
+
+def test_lm_eval_cached_and_uncached_agree(tmp_path, data_dir):
+    loaded = _loaded(tiny_model("llama", 3, seed=4))
+    settings = EvalSettings(tasks=("local_copa",), limit=4, data_dir=str(data_dir))
+    cache = ResultCache(tmp_path / "results")
+    first = evaluate_removals(loaded, settings, [(), (1,)], cache=cache, progress=False)
+    assert len(list((tmp_path / "results").rglob("*.json"))) == 2
+    cached = evaluate_removals(loaded, settings, [(), (1,)], cache=cache, progress=False)
+    plain = evaluate_removals(loaded, settings, [(), (1,)], progress=False)
+    assert first == cached == plain
+    assert len(loaded.model.model.layers) == 3  # restored
+
+
+def test_fingerprint_changes_with_weights_and_layers():
+    model = tiny_model("llama", 3)
+    before = evaluate_mod.model_fingerprint(_loaded(model))
+    assert evaluate_mod.model_fingerprint(_loaded(model)) == before
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(2)
+    assert evaluate_mod.model_fingerprint(_loaded(model)) != before
+
+
+def test_perplexity_matches_model_loss_and_relevance(tmp_path):
+    model, tok = tiny_model("llama", 3, seed=6), byte_tokenizer()
+    ids = tok(TEXTS[0], return_tensors="pt")
+    with torch.no_grad():
+        loss = model(**ids, labels=ids["input_ids"]).loss
+    assert perplexity(model, tok, [TEXTS[0]], seq_len=512) == pytest.approx(
+        math.exp(float(loss)), rel=1e-4
+    )
+    _make_identity(model, 0)
+    ranking = perplexity_relevance(
+        _loaded(model), TEXTS, seq_len=64, cache=ResultCache(tmp_path), progress=False
+    )
+    assert ranking.scores[0].score == pytest.approx(0.0, abs=1e-4)
+    assert ranking.baseline > 1
+
+
+def test_cosine_ranking_is_cached(tmp_path, monkeypatch):
+    import prune.relevance as relevance_mod
+
+    loaded = _loaded(tiny_model("llama", 3, seed=7))
+    cache = ResultCache(tmp_path)
+    first = relevance_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
+    monkeypatch.setattr(
+        relevance_mod, "cosine_relevance", lambda *a, **k: pytest.fail("not cached")
+    )
+    again = relevance_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
+    assert again.order() == first.order()
+    assert [s.score for s in again.scores] == [s.score for s in first.scores]

@@ -37,8 +37,10 @@ lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff format --check prune tests
 
 demo: $(STAMP) ## the main job on the embedded default model (SmolLM2-135M), offline
-	HF_HUB_OFFLINE=1 $(BIN)/prune info smollm2-135m
-	HF_HUB_OFFLINE=1 $(BIN)/prune drop smollm2-135m --layers 20,21 --out $(DEMO_OUT) --overwrite
+	HF_HUB_OFFLINE=1 $(BIN)/prune run recipes/smollm2-135m.yaml --out $(DEMO_OUT) --overwrite
+
+bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARGS="--limit 25 --threads 1 --ablations")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_accuracy_drop.py $(BENCH_ARGS)
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) out .pytest_cache

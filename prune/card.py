@@ -1,0 +1,329 @@
+"""Model cards for pruned variants: a pure function from the run's comparison record to markdown.
+
+`render_card` reads only the `comparison` mapping (the same data written to
+comparison.json), so every number in a card matches the JSON. The YAML front
+matter follows the Hub's model card conventions (`base_model`, `library_name`,
+`pipeline_tag`, `tags`, `license`, `model-index`) so the Hub shows the scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import yaml
+
+# How the Hub should name the datasets behind known tasks (local copies included).
+DATASETS: dict[str, dict[str, str]] = {
+    "arc_easy": {
+        "name": "ARC-Easy",
+        "type": "allenai/ai2_arc",
+        "config": "ARC-Easy",
+        "split": "test",
+    },
+    "arc_challenge": {
+        "name": "ARC-Challenge",
+        "type": "allenai/ai2_arc",
+        "config": "ARC-Challenge",
+        "split": "test",
+    },
+    "piqa": {"name": "PIQA", "type": "ybisk/piqa", "split": "validation"},
+    "winogrande": {
+        "name": "WinoGrande",
+        "type": "allenai/winogrande",
+        "config": "winogrande_xl",
+        "split": "validation",
+    },
+    "copa": {"name": "COPA", "type": "aps/super_glue", "config": "copa", "split": "validation"},
+    "openbookqa": {
+        "name": "OpenBookQA",
+        "type": "allenai/openbookqa",
+        "config": "main",
+        "split": "test",
+    },
+    "lambada": {"name": "LAMBADA (OpenAI)", "type": "EleutherAI/lambada_openai", "split": "test"},
+    "lambada_openai": {
+        "name": "LAMBADA (OpenAI)",
+        "type": "EleutherAI/lambada_openai",
+        "split": "test",
+    },
+    "hellaswag": {"name": "HellaSwag", "type": "Rowan/hellaswag", "split": "validation"},
+    "mmlu": {"name": "MMLU", "type": "cais/mmlu", "config": "all", "split": "test"},
+}
+METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy"}
+
+
+def _dataset(task: str) -> dict[str, str]:
+    base = task.removeprefix("local_")
+    entry = dict(DATASETS.get(base, {"name": task, "type": task}))
+    if task.startswith("local_"):
+        entry["name"] += " (local copy)"
+    return entry
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dict[str, Any]:
+    """The card's YAML metadata as a dict (model-index from the variant's final scores)."""
+    model = comparison["model"]
+    variant = comparison["strategies"][strategy]
+    evaluation = comparison["evaluation"]
+    meta: dict[str, Any] = {}
+    if model.get("hub_id"):
+        meta["base_model"] = model["hub_id"]
+    if model.get("license"):
+        meta["license"] = model["license"]
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["pruned", "layer-pruning", "prune", f"{strategy}-ranking"]
+    results = []
+    for task, value in variant["final"]["scores"].items():
+        metric = evaluation.get("metrics", {}).get(task, "acc")
+        dataset = _dataset(task)
+        if evaluation.get("num_fewshot") is not None:
+            dataset["args"] = {"num_few_shot": evaluation["num_fewshot"]}
+        results.append(
+            {
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": dataset,
+                "metrics": [
+                    {
+                        "type": metric,
+                        "value": round(float(value), 4),
+                        "name": METRIC_NAMES.get(metric, metric),
+                        "verified": False,
+                    }
+                ],
+                "source": {
+                    "name": "prune (lm-evaluation-harness tasks)",
+                    "url": "https://github.com/EleutherAI/lm-evaluation-harness",
+                },
+            }
+        )
+    if results:
+        meta["model-index"] = [{"name": name, "results": results}]
+    return meta
+
+
+def _removed_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    model = comparison["model"]
+    lines = [
+        "| strategy | schedule | removed layers (original numbering, in removal order) | layers | parameters | share kept |",
+        "|---|---|---|---|---|---|",
+        f"| base model | - | - | {model['num_layers']} | {_count(model.get('parameters'))} | 100.0% |",
+    ]
+    for name in order:
+        v = comparison["strategies"][name]
+        final = v["final"]
+        share = (
+            final["params"] / model["parameters"]
+            if final.get("params") and model.get("parameters")
+            else None
+        )
+        removed = ", ".join(map(str, v["removed"])) or "none"
+        lines.append(
+            f"| {name} | {v['schedule']} | {removed} | {final['layers']} | "
+            f"{_count(final.get('params'))} | {_pct(share)} |"
+        )
+    return lines
+
+
+def _ranking_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """How each strategy ranked the layers and why its removal loop stopped."""
+    settings = comparison.get("settings") or {}
+    by_name = {s["name"]: s for s in settings.get("strategies", []) if isinstance(s, Mapping)}
+    evaluation = settings.get("evaluation") or {}
+    calibration = settings.get("calibration") or {}
+    lines = []
+    for name in order:
+        strat = by_name.get(name, {})
+        if name == "accuracy":
+            tasks = ", ".join(strat.get("tasks") or evaluation.get("tasks") or [])
+            limit = strat.get("limit") or evaluation.get("limit")
+            how = f"accuracy drop on {tasks}" + (f" (first {limit} documents)" if limit else "")
+        elif calibration:
+            how = f"{name} on {calibration.get('samples')} calibration texts of up to {calibration.get('seq_len')} tokens"
+        else:
+            how = name
+        stop = comparison["strategies"][name].get("stop_reason")
+        lines.append(
+            f"- **{name}**: ranked by {how}; stopped: {stop}."
+            if stop
+            else f"- **{name}**: ranked by {how}."
+        )
+    return lines
+
+
+def _score_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    base = comparison["baseline"]["scores"]
+    header = "| task | metric | base |" + "".join(f" {n} | {n} retained |" for n in order)
+    lines = [header, "|---|---|---|" + "---|---|" * len(order)]
+    metrics = comparison["evaluation"].get("metrics", {})
+    tasks = list(base) + ["mean"]
+    for task in tasks:
+        if task == "mean":
+            b = comparison["baseline"]["mean"]
+            label, metric = "**mean**", ""
+        else:
+            b = base[task]
+            label, metric = task, metrics.get(task, "acc")
+        row = f"| {label} | {metric} | {_num(b)} |"
+        for name in order:
+            final = comparison["strategies"][name]["final"]
+            value = final["mean"] if task == "mean" else final["scores"].get(task)
+            retained = value / b if value is not None and b else None
+            row += f" {_num(value)} | {_pct(retained)} |"
+        lines.append(row)
+    return lines
+
+
+def _depth_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """Mean score after each removal, per strategy: the fair comparison at equal depth."""
+    by_depth: dict[int, dict[str, float]] = {}
+    for name in order:
+        for step in comparison["strategies"][name]["history"]:
+            by_depth.setdefault(step["layers_left"], {})[name] = step["mean_score"]
+    lines = ["| layers left |" + "".join(f" {n} |" for n in order), "|---|" + "---|" * len(order)]
+    for depth in sorted(by_depth, reverse=True):
+        lines.append(f"| {depth} |" + "".join(f" {_num(by_depth[depth].get(n))} |" for n in order))
+    return lines
+
+
+def _correlation_lines(comparison: Mapping[str, Any]) -> list[str]:
+    lines = []
+    for pair, stats in (comparison.get("correlations") or {}).items():
+        if not stats:
+            continue
+        parts = []
+        for key, label in (("spearman", "rho"), ("kendall", "tau"), ("pearson", "r")):
+            if stats.get(key) and stats[key].get(label) is not None:
+                parts.append(f"{key} {label} = {stats[key][label]:.3f} (p = {stats[key]['p']:.2g})")
+        if parts:
+            lines.append(f"- {pair.replace('~', ' vs ')}: " + "; ".join(parts))
+    return lines
+
+
+def render_card(
+    comparison: Mapping[str, Any],
+    strategy: str,
+    *,
+    recipe_text: str,
+    figure: str | None = "relevance.png",
+    repo_id: str | None = None,
+) -> str:
+    """Markdown model card (with YAML front matter) for the `strategy` variant, comparing all strategies."""
+    model = comparison["model"]
+    order = [strategy] + [n for n in comparison["strategies"] if n != strategy]
+    variant = comparison["strategies"][strategy]
+    name = repo_id or f"{model.get('hub_id') or model['spec']}-{strategy}-pruned"
+    meta = front_matter(comparison, strategy, name.split("/")[-1])
+    base_ref = (
+        f"[{model['hub_id']}](https://huggingface.co/{model['hub_id']})"
+        if model.get("hub_id")
+        else f"`{model['spec']}`"
+    )
+    ev = comparison["evaluation"]
+    limit = f", first {ev['limit']} documents per task" if ev.get("limit") else ""
+    final = variant["final"]
+    out = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {name.split('/')[-1]}",
+        "",
+        f"{base_ref} with {len(variant['removed'])} of its {model['num_layers']} transformer blocks removed "
+        f"by `prune` ({strategy} ranking, {variant['schedule']} schedule): "
+        f"{final['layers']} blocks, {_count(final.get('params'))} parameters.",
+        "",
+        "Blocks were removed one at a time, least relevant first. `cosine` ranks a block by "
+        "1 - cos(input, output) of its hidden states (ShortGPT's block influence); `accuracy` ranks it "
+        "by the measured drop in benchmark accuracy when it is removed; `perplexity` by the rise in "
+        "perplexity. This card compares the strategies run by the same recipe.",
+        "",
+        "## Removed layers",
+        "",
+        *_removed_table(comparison, order),
+        "",
+        *_ranking_lines(comparison, order),
+        "",
+        "## Scores",
+        "",
+        f"Tasks: {', '.join(comparison['baseline']['scores'])} ({ev.get('num_fewshot', 0)}-shot{limit}); "
+        "\"retained\" is the variant's score as a share of the base model's.",
+        "",
+        *_score_table(comparison, order),
+        "",
+        "Mean score by depth (after each greedy step):",
+        "",
+        *_depth_table(comparison, order),
+        "",
+    ]
+    if comparison.get("warnings"):
+        out += ["> " + w for w in comparison["warnings"]] + [""]
+    corr = _correlation_lines(comparison)
+    if corr:
+        out += [
+            "## Agreement between the rankings",
+            "",
+            "Correlation of the per-layer relevance of the full model:",
+            "",
+            *corr,
+            "",
+        ]
+    if comparison.get("overlap") is not None:
+        out += [
+            f"Removed-layer overlap (Jaccard) between the variants: {comparison['overlap']:.2f}.",
+            "",
+        ]
+    if figure:
+        out += [f"![Per-layer relevance under each strategy]({figure})", ""]
+    out += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        "```",
+        "",
+        'Removing blocks without further training costs quality; fine-tuning ("healing") usually recovers part of it.',
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "prune run recipe.yaml"
+        + "".join(
+            f" --{k.replace('_', '-')} {v}"
+            for k, v in (comparison.get("overrides") or {}).items()
+            if k in ("limit", "device")
+        ),
+        "```",
+        "",
+        "with this `recipe.yaml`:",
+        "",
+        "```yaml",
+        recipe_text.rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def parse_front_matter(card: str) -> dict[str, Any]:
+    """The YAML metadata of a card (for tests and pre-push checks)."""
+    if not card.startswith("---\n"):
+        raise ValueError("card has no YAML front matter")
+    end = card.index("\n---\n", 4)
+    return yaml.safe_load(card[4:end]) or {}

@@ -1,0 +1,196 @@
+"""Greedy block removal: drop the least relevant block, re-evaluate, repeat until a stopping rule holds.
+
+The loop works on *original* layer indices only and never touches a model:
+ranking and scoring are callables that receive the tuple of original indices
+removed so far (sorted) and return, respectively, a relevance per layer
+(higher = more important) and a score per reporting task. `prune.run` builds
+them from the real measures and evaluator (temporarily removing the blocks, so
+every call sees the slimmed model); tests pass dict lookups.
+
+Schedules:
+- `one-shot`: rank the full model once and remove in that order;
+- `iterative`: re-rank the slimmed model after every removal (SLEB style).
+
+Stopping rules, whichever comes first: `target` removals reached, or the mean
+reporting score falls more than `max_drop` below the baseline (that last step is
+undone and kept as `rejected`), or nothing removable is left (protected layers
+are never removed and at least one block always remains).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prune.errors import PruneError
+
+RankFn = Callable[[tuple[int, ...]], Mapping[int, float]]
+ScoreFn = Callable[[tuple[int, ...]], Mapping[str, float]]
+ParamsFn = Callable[[tuple[int, ...]], int]
+
+
+@dataclass
+class PruneStep:
+    """One row of the history; step 0 is the unpruned model."""
+
+    step: int
+    removed_layer: int | None  # original index of the block removed at this step
+    removed: list[int]  # all original indices removed so far, sorted
+    layers_left: int
+    params: int | None
+    scores: dict[str, float]
+    mean_score: float
+    drop: float  # baseline mean score minus this step's mean score
+    relevance: float | None  # the removed block's relevance when it was picked
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GreedyResult:
+    """What greedy pruning did: the kept steps, why it stopped, and the rankings it used."""
+
+    schedule: str
+    depth: int
+    removed: list[int]  # original indices, in removal order
+    history: list[PruneStep]
+    stop_reason: str
+    rejected: PruneStep | None = None
+    rankings: list[dict[int, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> PruneStep:
+        return self.history[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule,
+            "depth": self.depth,
+            "removed": list(self.removed),
+            "history": [s.to_dict() for s in self.history],
+            "stop_reason": self.stop_reason,
+            "rejected": self.rejected.to_dict() if self.rejected else None,
+            "rankings": [{str(k): v for k, v in r.items()} for r in self.rankings],
+        }
+
+
+def _mean(scores: Mapping[str, float]) -> float:
+    return sum(scores.values()) / len(scores) if scores else float("nan")
+
+
+def _order(relevance: Mapping[int, float], excluded: set[int]) -> list[tuple[int, float]]:
+    """Candidates, least relevant first; ties go to the lower index so runs are reproducible."""
+    return sorted(
+        ((i, float(r)) for i, r in relevance.items() if i not in excluded),
+        key=lambda x: (x[1], x[0]),
+    )
+
+
+def greedy_prune(
+    depth: int,
+    rank: RankFn,
+    score: ScoreFn,
+    *,
+    schedule: str = "one-shot",
+    target: int | None = None,
+    max_drop: float | None = None,
+    protect: Iterable[int] = (),
+    count_params: ParamsFn | None = None,
+    baseline: Mapping[str, float] | None = None,
+    on_step: Callable[[PruneStep], None] | None = None,
+    prefetch: Callable[[list[tuple[int, ...]]], None] | None = None,
+) -> GreedyResult:
+    """Remove blocks least-relevant-first until `target` removals or `max_drop`; see the module doc.
+
+    `prefetch`, when given, receives the sets a one-shot schedule will score, in
+    order, right after ranking, so an evaluator can compute them in one batch (and
+    cache them) before the loop asks for them one by one.
+    """
+    if schedule not in ("one-shot", "iterative"):
+        raise PruneError(f"unknown schedule '{schedule}' (accepted: one-shot, iterative)")
+    protected = {i % depth for i in protect if -depth <= i < depth}
+    if target is None and max_drop is None:
+        raise PruneError(
+            "greedy pruning needs a stopping rule: a target number of removals or max_drop"
+        )
+    removable = min(depth - 1, depth - len(protected))
+    if target is not None and not 0 <= target <= removable:
+        raise PruneError(
+            f"cannot remove {target} of {depth} layers with {len(protected)} protected (at most {removable})"
+        )
+
+    start = time.perf_counter()
+    base_scores = dict(baseline) if baseline is not None else dict(score(()))
+    base_mean = _mean(base_scores)
+    history = [
+        PruneStep(
+            0,
+            None,
+            [],
+            depth,
+            count_params(()) if count_params else None,
+            base_scores,
+            base_mean,
+            0.0,
+            None,
+            time.perf_counter() - start,
+        )
+    ]
+    if on_step:
+        on_step(history[0])
+    removed: list[int] = []
+    rankings: list[dict[int, float]] = []
+    queue: list[tuple[int, float]] = []
+    stop_reason = ""
+    rejected = None
+    limit = removable if target is None else target
+    while True:
+        if len(removed) >= limit:
+            stop_reason = (
+                f"removed {len(removed)} layers (target)"
+                if target is not None
+                else "no removable layer left"
+            )
+            break
+        t0 = time.perf_counter()
+        current = tuple(sorted(removed))
+        if schedule == "iterative" or not rankings:
+            relevance = {int(k): float(v) for k, v in rank(current).items()}
+            rankings.append(relevance)
+            queue = _order(relevance, protected | set(removed))
+            if prefetch is not None and schedule == "one-shot":
+                planned = [layer for layer, _ in queue[:limit]]
+                prefetch([tuple(sorted(planned[: k + 1])) for k in range(len(planned))])
+        queue = [c for c in queue if c[0] not in removed]
+        if not queue:
+            stop_reason = "no removable layer left"
+            break
+        layer, rel = queue.pop(0)
+        trial = tuple(sorted((*removed, layer)))
+        scores = dict(score(trial))
+        mean = _mean(scores)
+        step = PruneStep(
+            len(removed) + 1,
+            layer,
+            list(trial),
+            depth - len(trial),
+            count_params(trial) if count_params else None,
+            scores,
+            mean,
+            base_mean - mean,
+            rel,
+            time.perf_counter() - t0,
+        )
+        if max_drop is not None and step.drop > max_drop + 1e-12:
+            rejected = step
+            stop_reason = f"removing layer {layer} would drop the mean score by {step.drop:.4f} > max_drop {max_drop:g}"
+            break
+        removed.append(layer)
+        history.append(step)
+        if on_step:
+            on_step(step)
+    return GreedyResult(schedule, depth, removed, history, stop_reason, rejected, rankings)

@@ -1,0 +1,231 @@
+"""Recipes: every shipped recipe validates; malformed ones list every problem with its path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from prune.cli import cli
+from prune.errors import PruneError
+from prune.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe, target_removals
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+GOOD = "model: smollm2-135m\nprune: {remove: 6}\n"
+
+
+def test_recipes_are_shipped():
+    names = {p.name for p in RECIPES}
+    assert {"smollm2-135m.yaml", "gemma3-270m.yaml"} <= names
+    assert len(names) >= 5
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path, resolve_depth=False)
+    assert recipe.raw_text == path.read_text()
+    assert len(recipe.strategies) >= 2
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "OK" in result.output
+
+
+# (recipe text, depth, expected problem lines: each must appear in the error)
+MALFORMED = [
+    ("model: m\nprune: {remove: 31}\n", 30, ["prune.remove: must be < 30, got 31"]),
+    ("model: m\nprune: {remove: 30}\n", 30, ["prune.remove: must be < 30, got 30"]),
+    ("model: m\nprune: {keep: 30}\n", 30, ["prune.keep: must be < 30"]),
+    (
+        "model: m\nprune: {remove: 2, keep: 3}\n",
+        30,
+        ["prune: give only one of remove, keep, fraction (got remove and keep)"],
+    ),
+    (
+        "model: m\nprune: {remove: 3, protect: [0, 1, 2, 3]}\n",
+        4,
+        ["prune.protect: protects 4 of 4 layers, so none can be removed"],
+    ),
+    ("model: m\nprune: {remove: 3, protect: [0, -1]}\n", 4, ["prune.remove: must be <= 1"]),
+    (
+        "model: m\nprune: {remove: 1, protect: [0, 40]}\n",
+        30,
+        ["prune.protect[1]: must be in 0..29 (or -30..-1), got 40"],
+    ),
+    (
+        "model: m\nprune: {fraction: 1.5}\n",
+        30,
+        ["prune.fraction: must be between 0 and 1 (exclusive), got 1.5"],
+    ),
+    ("model: m\nprune: {}\n", 30, ["prune: give a stopping rule"]),
+    (
+        "model: m\nprune: {remove: 2, schedule: iterativ}\n",
+        30,
+        [
+            "prune.schedule: must be one of one-shot, iterative, got 'iterativ' (did you mean 'iterative'?)"
+        ],
+    ),
+    ("model: m\nprune: {remove: two}\n", 30, ["prune.remove: must be an integer, got 'two'"]),
+    (
+        "model: m\nprune: {remove: 2, max_drop: yes}\n",
+        30,
+        ["prune.max_drop: must be a number, got true"],
+    ),
+    (
+        "model: m\nprune: {remove: 2, protect: 0}\n",
+        30,
+        ["prune.protect: must be a list of integers, got 0"],
+    ),
+    (
+        "model: m\nprun: {remove: 2}\n",
+        30,
+        ["prun: unknown key (did you mean 'prune'?)", "prune: give a stopping rule"],
+    ),
+    (
+        "model: m\nprune: {remove: 2, protec: [0]}\n",
+        30,
+        ["prune.protec: unknown key (did you mean 'protect'?)"],
+    ),
+    (
+        "model: m\nstrategies: [cosine, acuracy]\nprune: {remove: 2}\n",
+        30,
+        ["strategies[1].name: unknown strategy 'acuracy' (did you mean 'accuracy'?)"],
+    ),
+    (
+        "model: m\nstrategies: [cosine, cosine]\nprune: {remove: 2}\n",
+        30,
+        ["strategies[1].name: strategy 'cosine' is listed twice"],
+    ),
+    ("model: m\nstrategies: []\nprune: {remove: 2}\n", 30, ["strategies: must list at least one"]),
+    (
+        "model: m\nstrategies: [{name: cosine, tasks: [local_piqa]}]\nprune: {remove: 2}\n",
+        30,
+        ["strategies[0].tasks: only the accuracy strategy uses tasks"],
+    ),
+    (
+        "model: m\nstrategies: [{name: accuracy, limit: 0}]\nprune: {remove: 2}\n",
+        30,
+        ["strategies[0].limit: must be >= 1, got 0"],
+    ),
+    (
+        "model: m\nevaluation: {tasks: [local_arc_esay]}\nprune: {remove: 2}\n",
+        30,
+        [
+            "evaluation.tasks[0]: unknown local task 'local_arc_esay' (did you mean 'local_arc_easy'?)"
+        ],
+    ),
+    (
+        "model: m\nevaluation: {metric: accuracy}\nprune: {remove: 2}\n",
+        30,
+        ["evaluation.metric: must be one of acc, acc_norm"],
+    ),
+    (
+        "model: m\ndtype: fp8\nprune: {remove: 2}\n",
+        30,
+        ["dtype: must be one of auto, float32, bfloat16, float16, got 'fp8'"],
+    ),
+    ("prune: {remove: 2}\n", 30, ["model: required"]),
+    (
+        "model: m\nprune: {remove: 2}\npush: {repo_id: 'me/x-{layer}'}\n",
+        30,
+        ["push.repo_id: unknown placeholder {layer}"],
+    ),
+    (
+        "model: m\nprune: {remove: 2}\npush: {repo_id: me/x, publish: all}\n",
+        30,
+        [
+            "push.publish: 'all' pushes every strategy's variant, so push.repo_id needs a {strategy} placeholder"
+        ],
+    ),
+    (
+        "model: m\nprune: {remove: 2}\npush: {enabled: true}\n",
+        30,
+        ["push.repo_id: required when push.enabled is true"],
+    ),
+    (
+        "model: m\nprune: {remove: 2}\npush: {publish: perplexity}\n",
+        30,
+        ["push.publish: must be one of best, all, cosine, accuracy"],
+    ),
+    (
+        "model: m\nprune: {remove: 2}\nexport: {max_shard_size: huge}\n",
+        30,
+        ["export.max_shard_size: must be a size like 2GB"],
+    ),
+    ("- a\n- b\n", 30, ["recipe: must be a mapping of settings, got list"]),
+    ("model: [unclosed\n", 30, ["not valid YAML at line"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "depth", "expected"), MALFORMED, ids=[m[2][0][:40] for m in MALFORMED]
+)
+def test_malformed_recipes_name_every_problem(text, depth, expected):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml", depth=depth)
+    message = str(info.value)
+    for line in expected:
+        assert line in message
+    assert len(info.value.problems) == len(expected), info.value.problems
+
+
+def test_all_problems_are_reported_together():
+    text = "model: m\ndtyp: float32\nstrategies: [cosin]\nprune: {remove: 31, protec: [0]}\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml", depth=30)
+    assert info.value.problems == [
+        "dtyp: unknown key (did you mean 'dtype'?)",
+        "prune.protec: unknown key (did you mean 'protect'?)",
+        "strategies[0].name: unknown strategy 'cosin' (did you mean 'cosine'?); accepted: cosine, accuracy, perplexity",
+        "prune.remove: must be < 30, got 31",
+    ]
+    assert str(info.value).startswith("recipe 'r.yaml' is invalid (4 problems):")
+
+
+def test_depth_is_read_from_a_local_checkpoint(tiny_llama_dir, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {tiny_llama_dir}\nprune: {{remove: 4}}\n")
+    with pytest.raises(RecipeError, match=r"prune.remove: must be < 4, got 4"):
+        load_recipe(path)
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: recipe")
+    assert "Traceback" not in result.output
+
+
+def test_defaults_and_shorthands():
+    recipe = parse_recipe(
+        "model: m\nstrategies: [cosine, {name: accuracy, tasks: 'local_piqa,local_copa'}]\nprune: {fraction: 0.2}\n",
+        depth=30,
+    )
+    assert recipe.strategy_names() == ["cosine", "accuracy"]
+    assert recipe.strategies[1].tasks == ["local_piqa", "local_copa"]
+    assert target_removals(recipe.prune, 30) == 6
+    assert parse_recipe(GOOD, depth=30).strategy_names() == ["cosine", "accuracy"]
+    assert recipe.raw_text.startswith("model: m")
+
+
+def test_same_rank_and_report_tasks_warn():
+    recipe = parse_recipe(GOOD, depth=30)
+    assert any("optimistic" in w for w in recipe.warnings)
+    separate = parse_recipe(
+        GOOD + "strategies: [cosine, {name: accuracy, tasks: [local_copa]}]\n", depth=30
+    )
+    assert separate.warnings == []
+
+
+def test_overrides_are_applied_to_a_copy_and_reported():
+    recipe = parse_recipe(GOOD + "push: {repo_id: 'me/m-{strategy}'}\n", depth=30)
+    new, applied = apply_overrides(recipe, out=Path("x"), limit=5, device="cpu", push=True)
+    assert applied == {"out": "x", "limit": 5, "device": "cpu", "push": True}
+    assert new.evaluation.limit == 5 and new.strategies[1].limit == 5 and new.device == "cpu"
+    assert new.push.enabled and new.export.out == "x"
+    assert recipe.evaluation.limit is None and not recipe.push.enabled  # the original is untouched
+    with pytest.raises(PruneError, match="push.repo_id"):
+        apply_overrides(parse_recipe(GOOD, depth=30), push=True)
+
+
+def test_missing_recipe_file(tmp_path):
+    result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 1
+    assert "Error: recipe file" in result.output and "not found" in result.output

@@ -133,6 +133,7 @@ def export_checkpoint(
                 target.write_bytes(content)
             else:
                 target.write_text(content)
+        _publish_modes(tmp)
         _replace_dir(tmp, out)
     except OSError as exc:  # disk full, permissions, ...: no half-written folder, one-line error
         shutil.rmtree(tmp, ignore_errors=True)
@@ -141,6 +142,15 @@ def export_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _publish_modes(folder: Path) -> None:
+    """Give the finished folder ordinary permissions (mkdtemp makes it private to the owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

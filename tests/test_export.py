@@ -262,3 +262,20 @@ def test_info_counts_tied_weights_once_and_lists_layer_types(tmp_path):
     assert text.exit_code == 0
     assert "layers:        6 at `model.layers`" in text.stdout
     assert "layer types:   full_attention x2, sliding_attention x4" in text.stdout
+
+
+def test_export_has_ordinary_permissions(tiny_llama_dir, tmp_path):
+    """The temp folder is private while written; the published one follows the umask."""
+    import os
+    import stat
+
+    from click.testing import CliRunner
+
+    from prune.cli import cli
+
+    out = tmp_path / "perm"
+    assert CliRunner().invoke(cli, ["drop", str(tiny_llama_dir), "--layers", "1", "--out", str(out)]).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o666 & ~umask

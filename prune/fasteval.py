@@ -1,0 +1,719 @@
+"""A fast log-likelihood engine for "the same model with some blocks removed", equal to lm-eval.
+
+Ranking layers by accuracy drop costs one full evaluation per candidate. This
+module scores many candidates (tuples of removed block indices, `()` = the full
+model) at once, reproducing the lm-eval path's numbers:
+
+- **Same requests, same scoring.** lm-eval builds the requests (a recording LM
+  run through `prune.evaluate.LmEvalRunner`), HFLM's own `_encode_pair` and
+  truncation tokenize them, and the answers go back through lm-eval's filters,
+  `process_results` and aggregation (a replaying LM), so acc, acc_norm and their
+  standard errors are computed by lm-eval's code.
+- **One token tree per document.** A document's requests (the context followed by
+  each choice; WinoGrande's two contexts before a shared continuation) are merged
+  into a prefix tree and run as one packed sequence with a tree attention mask
+  (each token sees its ancestors only, positions are tree depths), so a shared
+  prefix is computed once. Trees are packed into rows, rows into batches.
+- **Prefix reuse across candidates.** Removing block `i` leaves the state
+  entering block `i` unchanged. One pass of the "trunk" (the model minus the
+  blocks every candidate removes) saves the state entering each block where some
+  candidate starts to differ; a candidate then runs only the blocks after it.
+  Saved states are bounded by a memory budget: beyond it, documents are handled
+  in chunks.
+- **Logits only where scored.** `logits_to_keep` (a boolean mask) applies the LM
+  head, and any logit soft-capping of the model, only at continuation positions.
+
+Blocks are swapped in and out of the model's own block list (no weight copies)
+and the model's own forward builds embeddings, rotary tables and the final norm,
+so no architecture is re-implemented. A self-check compares the packed path with
+a plain forward on the first batch and refuses to go on when they disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from torch import nn
+
+from prune.architectures import LAYER_INDEX_FIELDS, PER_LAYER_FIELDS
+from prune.errors import PruneError
+from prune.surgery import layers_removed, locate_layers, normalize_indices, text_config
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # a request's (context, continuation)
+Answer = tuple[float, bool]  # (log-likelihood, is greedy), as lm-eval's loglikelihood returns
+
+# Saved block inputs kept at once (bytes); PRUNE_FAST_STATE_BUDGET overrides.
+DEFAULT_STATE_BUDGET = 1 << 30
+# Packed tokens per row and padded tokens per batch (rows x row length).
+DEFAULT_ROW_TOKENS = 256
+DEFAULT_BATCH_TOKENS = 1024
+
+
+# --------------------------------------------------------------------------- lm-eval glue
+
+
+class _RecordingLM(LM):
+    """Collects the loglikelihood requests lm-eval would send to a model (answers are dummies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.instances: list[Any] = []
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Answer]:
+        self.instances.extend(requests)
+        return [(0.0, False)] * len(requests)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise PruneError(
+            "the fast engine scores loglikelihood tasks only (this task needs rolling perplexity); use --engine lm-eval"
+        )
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        raise PruneError(
+            "the fast engine scores loglikelihood tasks only (this task generates text); use --engine lm-eval"
+        )
+
+
+class _ReplayLM(_RecordingLM):
+    """Answers lm-eval's requests from precomputed (log-likelihood, is greedy) pairs."""
+
+    def __init__(self, answers: dict[Key, Answer]) -> None:
+        super().__init__()
+        self.answers = answers
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Answer]:
+        try:
+            return [self.answers[tuple(req.args)] for req in requests]
+        except KeyError as exc:  # lm-eval built different requests than when recording
+            raise PruneError(
+                f"fast engine: no answer for request {str(exc)[:80]}; use --engine lm-eval"
+            ) from None
+
+
+@contextmanager
+def _without_env_info() -> Iterator[None]:
+    """Skip the environment report `simple_evaluate` adds to every result (it runs `pip list`
+    and `git` in subprocesses: about half a second per call, and it changes no score)."""
+    import lm_eval.evaluator as evaluator
+
+    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
+    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
+    try:
+        yield
+    finally:
+        evaluator.add_env_info, evaluator.get_git_commit_hash = saved
+
+
+def _encode(hflm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Tokenize one request exactly as `HFLM.loglikelihood` does."""
+    if context == "":
+        cont = hflm.tok_encode(continuation, add_special_tokens=False)
+        if hflm.prefix_token_id != cont[0]:
+            return [hflm.prefix_token_id], cont
+        return cont[:1], cont[1:]
+    return hflm._encode_pair(context, continuation)
+
+
+# --------------------------------------------------------------------------- token trees
+
+
+@dataclass
+class Request:
+    """One unique loglikelihood request, tokenized: the model input and the scored tokens."""
+
+    key: Key
+    group: tuple[str, int]  # (task, document): requests of one document share a tree
+    inputs: list[int]  # (context + continuation)[-(max_length + 1):][:-1], as HFLM feeds it
+    targets: list[int]  # the continuation tokens, predicted at the last len(targets) inputs
+
+
+@dataclass
+class _Tree:
+    """A document's requests merged into a prefix tree of tokens."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # -1 for roots
+    depths: list[int] = field(default_factory=list)
+    scored: list[tuple[int, list[int], list[int]]] = field(
+        default_factory=list
+    )  # (request, nodes, targets)
+    _children: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def add(self, request_id: int, req: Request) -> None:
+        parent, path = -1, []
+        for token in req.inputs:
+            node = self._children.get((parent, token))
+            if node is None:
+                node = len(self.tokens)
+                self._children[(parent, token)] = node
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.depths.append(len(path))
+            path.append(node)
+            parent = node
+        self.scored.append((request_id, path[len(path) - len(req.targets) :], req.targets))
+
+
+@dataclass
+class _Batch:
+    """Packed rows of trees, ready for the model."""
+
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T) tree depths
+    masks: dict[int | None, torch.Tensor]  # attention window -> (B, 1, T, T)
+    keep: torch.Tensor  # (B, T) bool: positions whose logits are needed
+    pair_rows: torch.Tensor  # (M,) row of each scored token in the kept logits
+    pair_targets: torch.Tensor  # (M,)
+    pair_request: torch.Tensor  # (M,) batch-local request index
+    request_ids: list[int]  # batch-local -> global request id
+
+    def to(self, device: torch.device) -> _Batch:
+        """The same batch with every tensor on `device`."""
+        moved = {id(m): m.to(device) for m in self.masks.values()}  # shared masks stay shared
+        return _Batch(
+            self.input_ids.to(device),
+            self.position_ids.to(device),
+            {w: moved[id(m)] for w, m in self.masks.items()},
+            self.keep.to(device),
+            self.pair_rows.to(device),
+            self.pair_targets.to(device),
+            self.pair_request.to(device),
+            self.request_ids,
+        )
+
+
+def _pack_rows(trees: list[_Tree], row_tokens: int) -> list[list[_Tree]]:
+    """First-fit decreasing: trees into rows of at most `row_tokens` (or one big tree)."""
+    rows: list[list[_Tree]] = []
+    sizes: list[int] = []
+    for tree in sorted(trees, key=lambda t: -len(t.tokens)):
+        n = len(tree.tokens)
+        for i, used in enumerate(sizes):
+            if used + n <= row_tokens:
+                rows[i].append(tree)
+                sizes[i] += n
+                break
+        else:
+            rows.append([tree])
+            sizes.append(n)
+    return rows
+
+
+def _make_batch(
+    rows: list[list[_Tree]], windows: set[int | None], float_mask: torch.dtype | None, pad_id: int
+) -> _Batch:
+    width = max(sum(len(t.tokens) for t in row) for row in rows)
+    B = len(rows)
+    ids = np.full((B, width), pad_id, dtype=np.int64)
+    pos = np.zeros((B, width), dtype=np.int64)
+    allowed = np.zeros((B, width, width), dtype=bool)  # allowed[b, q, k]: q may attend to k
+    keep = np.zeros((B, width), dtype=bool)
+    scored: list[tuple[int, int, list[int], list[int]]] = []  # (row, request, flat nodes, targets)
+    for b, row in enumerate(rows):
+        offset = 0
+        for tree in row:
+            for n, (tok, par, dep) in enumerate(
+                zip(tree.tokens, tree.parents, tree.depths, strict=True)
+            ):
+                q = offset + n
+                ids[b, q], pos[b, q] = tok, dep
+                if par >= 0:  # parents come before children: copy the parent's ancestors
+                    allowed[b, q, offset:q] = allowed[b, offset + par, offset:q]
+                allowed[b, q, q] = True
+            for req_id, nodes, targets in tree.scored:
+                keep[b, [offset + n for n in nodes]] = True
+                scored.append((b, req_id, [offset + n for n in nodes], targets))
+            offset += len(tree.tokens)
+        for q in range(offset, width):  # padding attends to itself only (no empty softmax rows)
+            allowed[b, q, q] = True
+    # Row of each kept (b, t) in the flattened logits that logits_to_keep returns.
+    flat_row = np.cumsum(keep.reshape(-1)) - 1
+    pair_rows, pair_targets, pair_request, request_ids = [], [], [], []
+    for b, req_id, nodes, targets in scored:
+        local = len(request_ids)
+        request_ids.append(req_id)
+        pair_rows += [int(flat_row[b * width + t]) for t in nodes]
+        pair_targets += targets
+        pair_request += [local] * len(targets)
+    # A window longer than the deepest position cuts nothing: it shares the full mask.
+    deepest = int(pos.max(initial=0))
+    effective = {w: None if w is None or w > deepest else w for w in windows}
+    built: dict[int | None, torch.Tensor] = {}
+    for window in set(effective.values()):
+        mask = allowed  # the diagonal is always allowed, so no softmax row is empty
+        if window is not None:
+            mask = allowed & ((pos[:, :, None] - pos[:, None, :]) < window)  # (B, T, T)
+        tensor = torch.from_numpy(np.ascontiguousarray(mask))[:, None]  # (B, 1, T, T)
+        if float_mask is not None:  # eager attention adds the mask to the scores
+            tensor = torch.zeros(tensor.shape, dtype=float_mask).masked_fill_(
+                ~tensor, torch.finfo(float_mask).min
+            )
+        built[window] = tensor
+    masks = {w: built[e] for w, e in effective.items()}
+    return _Batch(
+        torch.from_numpy(ids),
+        torch.from_numpy(pos),
+        masks,
+        torch.from_numpy(keep),
+        torch.tensor(pair_rows, dtype=torch.long),
+        torch.tensor(pair_targets, dtype=torch.long),
+        torch.tensor(pair_request, dtype=torch.long),
+        request_ids,
+    )
+
+
+def plan_batches(
+    requests: Sequence[Request],
+    *,
+    row_tokens: int = DEFAULT_ROW_TOKENS,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> list[list[list[_Tree]]]:
+    """Merge each document's requests into a tree, pack trees into rows and rows into batches
+    (longest first). Masks are built later, per chunk (`_make_batch`), to bound memory."""
+    trees: dict[tuple, _Tree] = {}
+    for req_id, req in enumerate(requests):
+        trees.setdefault(req.group, _Tree()).add(req_id, req)
+    rows = _pack_rows(list(trees.values()), row_tokens)
+    rows.sort(key=lambda row: -_row_width(row))
+    plans, current, current_width = [], [], 0
+    for row in rows:
+        width = _row_width(row)
+        if current and (len(current) + 1) * max(current_width, width) > batch_tokens:
+            plans.append(current)
+            current, current_width = [], 0
+        current.append(row)
+        current_width = max(current_width, width)
+    if current:
+        plans.append(current)
+    return plans
+
+
+def _row_width(row: list[_Tree]) -> int:
+    return sum(len(t.tokens) for t in row)
+
+
+def _plan_tokens(plan: list[list[_Tree]]) -> int:
+    """Padded tokens of a planned batch (rows x longest row)."""
+    return len(plan) * max(_row_width(row) for row in plan)
+
+
+# --------------------------------------------------------------------------- block stacks
+
+
+def attention_windows(config: Any, num_layers: int) -> list[int | None]:
+    """Each block's sliding attention window (None = full attention), as transformers builds masks.
+
+    Configs with `layer_types` mark sliding blocks there (Gemma 2/3, Qwen2, ...);
+    otherwise a set `sliding_window` applies to every block (Mistral), unless
+    `use_sliding_window` is False.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return [None] * num_layers
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == num_layers:
+        return [window if t == "sliding_attention" else None for t in types]
+    if getattr(config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    return [window] * num_layers
+
+
+class _Run:
+    """Mutable state the block wrappers read during one forward."""
+
+    def __init__(self) -> None:
+        self.masks: dict[int | None, torch.Tensor] = {}
+        self.start: torch.Tensor | None = None
+        self.record: dict[int, torch.Tensor] | None = None
+        self.tuple_output = False
+
+
+class _Block(nn.Module):
+    """A model block run with the packed tree mask; optionally saves the state entering it."""
+
+    def __init__(
+        self, block: nn.Module, index: int, window: int | None, run: _Run, record: bool
+    ) -> None:
+        super().__init__()
+        self.block, self.index, self.window, self.save = block, index, window, record
+        self.__dict__["run"] = run  # plain attribute, not a submodule
+
+    def forward(self, hidden_states, *args, **kwargs):
+        run = self.run
+        if self.save and run.record is not None:
+            run.record[self.index] = hidden_states.clone()
+        kwargs["attention_mask"] = run.masks[self.window]
+        out = self.block(hidden_states, *args, **kwargs)
+        run.tuple_output = isinstance(out, tuple)
+        return out
+
+
+class _Start(nn.Module):
+    """Stands in for the removed blocks before a candidate's first kept one: returns the saved state."""
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__()
+        self.__dict__["run"] = run
+
+    def forward(self, hidden_states, *args, **kwargs):
+        state = self.run.start
+        return (state,) if self.run.tuple_output else state
+
+
+@contextmanager
+def _installed(model: nn.Module, modules: list[nn.Module], origin: list[int]) -> Iterator[None]:
+    """Temporarily make `modules` the model's block list; `origin[i]` is the original block whose
+    per-layer config entries (layer types, ...) module i takes."""
+    stack = locate_layers(model)
+    config = text_config(model)
+    total = config.num_hidden_layers
+    position = {orig: new for new, orig in enumerate(origin)}
+    old: dict[str, Any] = {"num_hidden_layers": total}
+    for name in PER_LAYER_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == total:
+            old[name] = value
+    for name in LAYER_INDEX_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)):
+            old[name] = value
+    try:
+        config.num_hidden_layers = len(modules)
+        for name in PER_LAYER_FIELDS:
+            if name in old:
+                setattr(config, name, [old[name][i] for i in origin])
+        for name in LAYER_INDEX_FIELDS:
+            if name in old:
+                setattr(config, name, [position[i] for i in old[name] if i in position])
+        setattr(stack.parent, stack.attr, nn.ModuleList(modules))
+        yield
+    finally:
+        setattr(stack.parent, stack.attr, stack.layers)
+        for name, value in old.items():
+            setattr(config, name, value)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def _budget() -> int:
+    raw = os.environ.get("PRUNE_FAST_STATE_BUDGET")
+    if raw:
+        try:
+            return max(1, int(float(raw)))
+        except ValueError:
+            raise PruneError(f"PRUNE_FAST_STATE_BUDGET={raw!r} is not a number of bytes") from None
+    return DEFAULT_STATE_BUDGET
+
+
+class FastEngine:
+    """Scores tokenized requests under many block-removal candidates of one model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pad_id: int = 0,
+        row_tokens: int = DEFAULT_ROW_TOKENS,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+        state_budget: int | None = None,
+        progress: bool = False,
+        share_prefixes: bool = True,
+        reuse_states: bool = True,
+        scored_logits_only: bool = True,
+    ) -> None:
+        """The three switches turn the engine's ideas off one by one (for measuring what each pays)."""
+        self.model = model
+        self.share_prefixes, self.reuse_states, self.scored_logits_only = (
+            share_prefixes,
+            reuse_states,
+            scored_logits_only,
+        )
+        self.blocks = list(locate_layers(model).layers)
+        config = text_config(model)
+        self.windows = attention_windows(config, len(self.blocks))
+        impl = getattr(config, "_attn_implementation", None) or "eager"
+        if impl not in ("sdpa", "eager"):
+            raise PruneError(
+                f"the fast engine needs 'sdpa' or 'eager' attention (this model uses '{impl}'); use --engine lm-eval"
+            )
+        self.float_mask = next(model.parameters()).dtype if impl == "eager" else None
+        self.pad_id, self.row_tokens, self.batch_tokens = pad_id, row_tokens, batch_tokens
+        self.state_budget = state_budget if state_budget is not None else _budget()
+        self.progress = progress
+        self.hidden_size = int(model.get_input_embeddings().weight.shape[-1])
+        self.device = next(model.parameters()).device
+        self.checked = False
+
+    # -- one forward ---------------------------------------------------------------
+    def _forward(self, batch: _Batch, run: _Run) -> list[tuple[int, Answer]]:
+        run.masks = batch.masks
+        kwargs = {
+            "input_ids": batch.input_ids,
+            "position_ids": batch.position_ids,
+            "use_cache": False,
+        }
+        if self.scored_logits_only:
+            try:
+                logits = self.model(**kwargs, logits_to_keep=batch.keep).logits  # (N, V)
+                if logits.dim() != 2 or logits.shape[0] != int(batch.keep.sum()):
+                    raise ValueError("logits_to_keep ignored the boolean mask")
+            except (TypeError, IndexError, ValueError, RuntimeError) as exc:
+                # Older transformers take no boolean logits_to_keep: compute every logit.
+                log.info("fast engine: computing all logits (%s)", exc)
+                self.scored_logits_only = False
+                return self._forward(batch, run)
+        else:
+            logits = self.model(**kwargs).logits[batch.keep]  # (N, V) from (B, T, V)
+        return self._answers(logits, batch)
+
+    @staticmethod
+    def _answers(logits: torch.Tensor, batch: _Batch) -> list[tuple[int, Answer]]:
+        logprobs = F.log_softmax(logits, dim=-1)  # HFLM: log_softmax in the logits' dtype
+        dev = logprobs.device
+        rows, targets, req = (
+            batch.pair_rows.to(dev),
+            batch.pair_targets.to(dev),
+            batch.pair_request.to(dev),
+        )
+        picked = logprobs[rows, targets]  # (M,)
+        n = len(batch.request_ids)
+        sums = torch.zeros(n, dtype=picked.dtype, device=dev).index_add_(0, req, picked)
+        misses = torch.zeros(n, dtype=torch.long, device=dev).index_add_(
+            0, req, (logprobs.argmax(-1)[rows] != targets).long()
+        )
+        sums, misses = sums.tolist(), misses.tolist()
+        return [(rid, (float(sums[i]), misses[i] == 0)) for i, rid in enumerate(batch.request_ids)]
+
+    def _self_check(
+        self, batch: _Batch, requests: Sequence[Request], got: dict[int, Answer]
+    ) -> None:
+        """Compare a few answers with a plain (unpacked, full-logits) forward, as HFLM computes them."""
+        worst = 0.0
+        for rid in batch.request_ids[:4]:
+            req = requests[rid]
+            logits = self.model(
+                torch.tensor([req.inputs], device=self.device), use_cache=False
+            ).logits[0]
+            logprobs = F.log_softmax(logits[-len(req.targets) :], dim=-1)
+            ll = float(
+                logprobs.gather(-1, torch.tensor(req.targets, device=self.device)[:, None]).sum()
+            )
+            worst = max(worst, abs(ll - got[rid][0]) / (1.0 + abs(ll)))
+        tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 5e-2
+        if not worst <= tolerance:
+            model_type = getattr(text_config(self.model), "model_type", type(self.model).__name__)
+            raise PruneError(
+                f"the fast engine does not reproduce the forward pass of '{model_type}' "
+                f"(relative log-likelihood difference {worst:.2e}); use --engine lm-eval"
+            )
+        self.checked = True
+
+    # -- many candidates ----------------------------------------------------------
+    def run(
+        self, requests: Sequence[Request], candidates: Sequence[Sequence[int]]
+    ) -> list[list[Answer]]:
+        """(log-likelihood, is greedy) of every request under every candidate (removed block indices)."""
+        L = len(self.blocks)
+        normed = [tuple(normalize_indices(list(c), L)) if len(c) else () for c in candidates]
+        unique = list(dict.fromkeys(normed))
+        trunk_removed = set.intersection(*(set(c) for c in unique)) if unique else set()
+        trunk = [j for j in range(L) if j not in trunk_removed]
+        starts = {c: min(set(c) - trunk_removed) for c in unique if set(c) != trunk_removed}
+        saved = sorted(set(starts.values())) if self.reuse_states else []
+        if not self.share_prefixes:  # every request its own tree
+            requests = [replace(r, group=(*r.group, i)) for i, r in enumerate(requests)]  # type: ignore[arg-type]
+        plans = plan_batches(requests, row_tokens=self.row_tokens, batch_tokens=self.batch_tokens)
+        answers: dict[tuple[int, ...], list[Answer | None]] = {
+            c: [None] * len(requests) for c in unique
+        }
+        run = _Run()
+        trunk_modules = [_Block(self.blocks[j], j, self.windows[j], run, j in saved) for j in trunk]
+        bytes_per_token = (
+            max(1, len(saved)) * self.hidden_size * next(self.model.parameters()).element_size()
+        )
+        chunks = _chunks(plans, max(1, self.state_budget // max(1, bytes_per_token)))
+        from tqdm.auto import tqdm
+
+        total = len(plans) * (1 + len(starts))
+        bar = tqdm(total=total, desc="fast engine", unit="batch", disable=not self.progress)
+        with torch.inference_mode(), contextlib.ExitStack() as stack:
+            stack.callback(bar.close)
+            for planned in chunks:
+                windows = set(self.windows)
+                chunk = [
+                    _make_batch(p, windows, self.float_mask, self.pad_id).to(self.device)
+                    for p in planned
+                ]
+                states: list[dict[int, torch.Tensor]] = []
+                first: dict[int, Answer] | None = None
+                with _installed(self.model, trunk_modules, trunk):
+                    for batch in chunk:
+                        run.record = {}
+                        got = dict(self._forward(batch, run))
+                        first = got if first is None else first
+                        states.append(run.record or {})
+                        run.record = None
+                        if tuple(sorted(trunk_removed)) in answers:
+                            for rid, ans in got.items():
+                                answers[tuple(sorted(trunk_removed))][rid] = ans
+                        bar.update(1)
+                if not self.checked:
+                    with layers_removed(self.model, trunk_removed):
+                        self._self_check(chunk[0], requests, first)
+                for cand, start in starts.items():
+                    removed = set(cand)
+                    if not self.reuse_states:  # run the candidate from the embeddings
+                        start = -1
+                    kept = [j for j in trunk if j > start and j not in removed]
+                    head = [_Start(run)] if start >= 0 else []
+                    modules = head + [m for m in trunk_modules if m.index in kept]
+                    with _installed(self.model, modules, [start] * len(head) + kept):
+                        for batch, state in zip(chunk, states, strict=True):
+                            run.start = state.get(start)
+                            for rid, ans in self._forward(batch, run):
+                                answers[cand][rid] = ans
+                            bar.update(1)
+                    run.start = None
+                del states, chunk
+        return [answers[c] for c in normed]  # type: ignore[misc]
+
+
+def _chunks(plans: list[list[list[_Tree]]], max_tokens: int) -> list[list[list[list[_Tree]]]]:
+    """Split planned batches so the block inputs saved for one chunk stay within the budget."""
+    chunks: list[list[list[list[_Tree]]]] = []
+    current, used = [], 0
+    for plan in plans:
+        tokens = _plan_tokens(plan)
+        if current and used + tokens > max_tokens:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(plan)
+        used += tokens
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+# --------------------------------------------------------------------------- lm-eval facing API
+
+
+class FastEvaluator:
+    """The fast engine behind lm-eval's task machinery: requests in, lm-eval scores out."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: Any,
+        *,
+        progress: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        from prune.evaluate import lm_eval_runner
+
+        self.model, self.settings = model, settings
+        self.runner = lm_eval_runner(model, tokenizer, settings)  # shared with the lm-eval path
+        self.hflm = self.runner.lm
+        recorder = _RecordingLM()
+        self.runner.lm = recorder
+        try:
+            with _without_env_info():
+                self.runner.run()
+        finally:
+            self.runner.lm = self.hflm
+        self.recorded = recorder.instances  # lm-eval's Instances, in its order
+        self.requests = self._tokenize(recorder.instances)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.engine = FastEngine(
+            model, pad_id=pad if isinstance(pad, int) else 0, progress=progress, **engine_options
+        )
+
+    def _tokenize(self, instances: list[Any]) -> list[Request]:
+        max_length = self.hflm.max_length
+        requests: dict[tuple[tuple[str, int], Key], Request] = {}
+        for inst in instances:
+            key = tuple(inst.args)
+            group = (str(inst.task_name), int(inst.doc_id))
+            if (group, key) in requests:
+                continue
+            context, continuation = key
+            ctx, cont = _encode(self.hflm, context, continuation)
+            if not ctx or not cont:
+                raise PruneError(
+                    f"request {key!r} has an empty context or continuation after tokenization"
+                )
+            if len(cont) > max_length:
+                raise PruneError(
+                    f"a continuation of {len(cont)} tokens exceeds the model's length {max_length}"
+                )
+            inputs = (ctx + cont)[-(max_length + 1) :][:-1]
+            requests[(group, key)] = Request(key, group, inputs, cont)
+        return list(requests.values())
+
+    def answers(self, candidates: Sequence[Sequence[int]]) -> list[dict[Key, Answer]]:
+        """Per candidate: (context, continuation) -> (log-likelihood, is greedy)."""
+        per_candidate = self.engine.run(self.requests, candidates)
+        return [
+            {req.key: ans for req, ans in zip(self.requests, values, strict=True)}
+            for values in per_candidate
+        ]
+
+    def scores(
+        self,
+        answers: dict[Key, Answer],
+        task_metric: str | None = None,
+        tasks: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """lm-eval's scores (`TaskScore` per task) for one candidate's answers, computed by the
+        same `LmEvalRunner.run` as the lm-eval path; `task_metric` overrides the settings' one."""
+        self.runner.lm = _ReplayLM(answers)
+        saved = self.runner.settings
+        if task_metric is not None:
+            self.runner.settings = replace(saved, task_metric=task_metric)
+        try:
+            with _without_env_info():
+                return self.runner.run(tasks)
+        finally:
+            self.runner.lm, self.runner.settings = self.hflm, saved
+
+
+def evaluate_candidates(
+    model: Any, tokenizer: Any, settings: Any, candidates: list[tuple[int, ...]]
+) -> list[dict[str, Any]]:
+    """Score the model with each candidate set of blocks removed (`()` = full model), like the
+    lm-eval path does, in one shared computation. Returns one task -> TaskScore dict per candidate."""
+    evaluator = FastEvaluator(model, tokenizer, settings, progress=len(candidates) > 1)
+    return [evaluator.scores(a) for a in evaluator.answers(candidates)]
+
+
+def close_calls(
+    answers: dict[Key, Answer], instances: Sequence[Any], tolerance: float = 1e-3
+) -> int:
+    """Documents whose best two choices' log-likelihoods are within `tolerance` (ties that
+    float rounding may order either way); counts raw and length-normalised scores separately."""
+    by_doc: dict[tuple[str, int], list[Any]] = {}
+    for inst in instances:
+        by_doc.setdefault((inst.task_name, inst.doc_id), []).append(inst)
+    count = 0
+    for insts in by_doc.values():
+        if len(insts) < 2:
+            continue
+        lls = sorted((answers[tuple(i.args)][0] for i in insts), reverse=True)
+        norm = sorted(
+            (answers[tuple(i.args)][0] / max(1, len(i.args[1])) for i in insts), reverse=True
+        )
+        count += int(abs(lls[0] - lls[1]) <= tolerance) + int(abs(norm[0] - norm[1]) <= tolerance)
+    return count

@@ -1,0 +1,281 @@
+"""The fast engine gives the lm-eval path's numbers, per request and per candidate.
+
+Tiny random models (Llama, and Gemma 3 with sliding-window layers of width 4)
+are scored on three small task types written here: multiple choice (acc and
+acc_norm), WinoGrande-style partial scoring, and a LAMBADA-style last-token task
+whose continuations are the full model's greedy next byte for about half of the
+documents (so last-word accuracy is not trivially zero). For every single-layer
+candidate, the full model and multi-layer candidates, each request's
+log-likelihood and greedy flag and every task score must match what lm-eval's
+HFLM computes with the blocks really removed; a difference in accuracy is only
+allowed where two choices tie within float tolerance (counted and printed).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny import byte_tokenizer, tiny_model
+
+from prune.errors import PruneError
+from prune.evaluate import EvalSettings, LmEvalRunner, evaluate_removals
+from prune.fasteval import (
+    FastEngine,
+    FastEvaluator,
+    _without_env_info,
+    attention_windows,
+    close_calls,
+)
+from prune.surgery import layers_removed
+
+MODEL_TYPES = ("llama", "gemma3_text")
+WORDS = (
+    "the cat dog sat on a mat red blue green house tree river stone bird sings loud quiet".split()
+)
+
+MC_YAML = """task: t_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{root}/mc.jsonl"
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{query}}}}\\nAnswer:"
+doc_to_target: gold
+doc_to_choice: choices
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+PARTIAL_YAML = """task: t_partial
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{root}/partial.jsonl"
+output_type: multiple_choice
+test_split: test
+doc_to_text: gold
+doc_to_target: continuation
+doc_to_choice: context_options
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+LASTWORD_YAML = """task: t_last_{model_type}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{root}/last_{model_type}.jsonl"
+output_type: loglikelihood
+test_split: test
+doc_to_text: context
+doc_to_target: continuation
+target_delimiter: ""
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models spend their time in thread synchronisation; one thread is several times
+    # faster here, above all on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _sentence(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def _write_jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@torch.no_grad()
+def _last_word_docs(model, rng: random.Random, count: int) -> list[dict]:
+    """Contexts whose continuation is the model's greedy next byte when printable, else a word."""
+    tok = byte_tokenizer()
+    docs = []
+    for _ in range(count):
+        context = _sentence(rng, 3, 14)
+        best = int(model(torch.tensor([tok(context)["input_ids"]])).logits[0, -1].argmax())
+        cont = chr(best) if 33 <= best < 127 else " " + rng.choice(WORDS)
+        docs.append({"context": context, "continuation": cont})
+    return docs
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast_tasks")
+    rng = random.Random(0)
+    mc = [
+        {
+            "query": "Question: " + _sentence(rng, 3, 12) + "?",
+            "choices": [_sentence(rng, 1, 4) for _ in range(rng.choice((2, 4)))],
+            "gold": 0,
+        }
+        for _ in range(14)
+    ]
+    for doc in mc:
+        doc["gold"] = rng.randrange(len(doc["choices"]))
+    mc.append(
+        {"query": "Question: same prefix?", "choices": ["red", "red bird", "blue"], "gold": 1}
+    )
+    _write_jsonl(root / "mc.jsonl", mc)
+    partial = []
+    for _ in range(12):
+        start = _sentence(rng, 2, 8)
+        partial.append(
+            {
+                "context_options": [
+                    f"{start} {rng.choice(WORDS)}",
+                    f"{start} {rng.choice(WORDS)} {rng.choice(WORDS)}",
+                ],
+                "continuation": _sentence(rng, 2, 6) + ".",
+                "gold": rng.randrange(2),
+            }
+        )
+    _write_jsonl(root / "partial.jsonl", partial)
+    (root / "t_mc.yaml").write_text(MC_YAML.format(root=root))
+    (root / "t_partial.yaml").write_text(PARTIAL_YAML.format(root=root))
+    for model_type in MODEL_TYPES:
+        docs = _last_word_docs(tiny_model(model_type, 4, seed=0), random.Random(1), 12)
+        assert any(len(d["continuation"]) == 1 for d in docs), (
+            "no greedy document: the last-word test would be weak"
+        )
+        _write_jsonl(root / f"last_{model_type}.jsonl", docs)
+        (root / f"t_last_{model_type}.yaml").write_text(
+            LASTWORD_YAML.format(root=root, model_type=model_type)
+        )
+    return root
+
+
+def _settings(task_dir, model_type: str, **kw) -> EvalSettings:
+    return EvalSettings(
+        tasks=("t_mc", "t_partial", f"t_last_{model_type}"), include_path=str(task_dir), **kw
+    )
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_candidate_matches_lm_eval(task_dir, model_type):
+    model, tok = tiny_model(model_type, 4, seed=0), byte_tokenizer()
+    settings = _settings(task_dir, model_type)
+    fast = FastEvaluator(model, tok, settings)
+    instances = fast.recorded
+    candidates = [(), (0,), (1,), (2,), (3,), (1, 2), (0, 3)]
+    answers = fast.answers(candidates)
+    acc_ref = LmEvalRunner(model, tok, replace(settings, task_metric="acc"))
+    norm_ref = LmEvalRunner(model, tok, replace(settings, tasks=("t_mc",), task_metric="acc_norm"))
+    greedy_docs = 0
+    for cand, got in zip(candidates, answers, strict=True):
+        with layers_removed(model, cand), _without_env_info():  # env info: slow, changes no score
+            reference = acc_ref.lm.loglikelihood(instances, disable_tqdm=True)
+            want = acc_ref.run() | {f"{k}/norm": v for k, v in norm_ref.run().items()}
+        for inst, (ll, greedy) in zip(instances, reference, strict=True):
+            mine = got[tuple(inst.args)]
+            assert mine[0] == pytest.approx(ll, rel=1e-5, abs=1e-4), (cand, inst.args)
+            assert mine[1] == greedy, (cand, inst.args)
+            greedy_docs += greedy
+        have = fast.scores(got, "acc") | {
+            f"{k}/norm": v for k, v in fast.scores(got, "acc_norm", tasks=("t_mc",)).items()
+        }
+        ties = close_calls(got, instances)
+        assert set(have) == set(want)
+        for name, score in want.items():
+            print(
+                f"{model_type} {cand} {name}: lm-eval {score.value:.4f} fast {have[name].value:.4f} ties {ties}"
+            )
+            assert abs(have[name].value - score.value) * score.n <= ties, (cand, name)
+            assert have[name].n == score.n
+            if not ties:
+                assert have[name].stderr == pytest.approx(score.stderr, abs=1e-12)
+    assert greedy_docs > 0  # the last-word task really exercised the greedy flag
+
+
+def test_shared_removals_and_chunking_match(task_dir):
+    """Greedy-step candidates (all removing block 1) and a tiny state budget (many chunks)."""
+    model, tok = tiny_model("gemma3_text", 5, seed=3), byte_tokenizer()
+    settings = _settings(task_dir, "gemma3_text")
+    fast = FastEvaluator(
+        model, tok, settings, state_budget=64 * 1024, row_tokens=64, batch_tokens=128
+    )
+    candidates = [(1,), (1, 0), (1, 2), (1, 4), (1, 2, 3)]
+    answers = fast.answers(candidates)
+    runner = LmEvalRunner(model, tok, settings)
+    for cand, got in zip(candidates, answers, strict=True):
+        with layers_removed(model, cand):
+            reference = runner.lm.loglikelihood(fast.recorded, disable_tqdm=True)
+        for inst, (ll, greedy) in zip(fast.recorded, reference, strict=True):
+            assert got[tuple(inst.args)][0] == pytest.approx(ll, rel=1e-5, abs=1e-4)
+            assert got[tuple(inst.args)][1] == greedy
+
+
+def test_ablations_give_the_same_answers(task_dir):
+    """Each speed idea switched off on its own changes time, not results."""
+    model, tok = tiny_model("llama", 4, seed=1), byte_tokenizer()
+    fast = FastEvaluator(model, tok, _settings(task_dir, "llama"))
+    candidates = [(), (0,), (2,)]
+    base = fast.answers(candidates)
+    for switch in ("share_prefixes", "reuse_states", "scored_logits_only"):
+        fast.engine = FastEngine(model, **{switch: False})
+        other = fast.answers(candidates)
+        for a, b in zip(base, other, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key][0] == pytest.approx(b[key][0], rel=1e-5, abs=1e-4), (switch, key)
+                assert a[key][1] == b[key][1]
+
+
+def test_evaluate_removals_fast_engine_matches_lm_eval(task_dir):
+    model, tok = tiny_model("llama", 3, seed=2), byte_tokenizer()
+    loaded = SimpleNamespace(model=model, tokenizer=tok, source=None)
+    settings = _settings(task_dir, "llama")
+    candidates = [(), (0,), (1,), (2,)]
+    fast = evaluate_removals(loaded, settings, candidates, engine="fast", progress=False)
+    slow = evaluate_removals(loaded, settings, candidates, engine="lm-eval", progress=False)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.keys() == s.keys()
+        for name in f:
+            assert (f[name].metric, f[name].value, f[name].n) == (
+                s[name].metric,
+                s[name].value,
+                s[name].n,
+            )
+
+
+def test_attention_windows_follow_the_config():
+    gemma = tiny_model("gemma3_text", 4).config
+    assert attention_windows(gemma, 4) == [4, 4, None, 4]
+    assert attention_windows(tiny_model("llama", 2).config, 2) == [None, None]
+    assert attention_windows(SimpleNamespace(sliding_window=16), 3) == [16, 16, 16]
+    assert attention_windows(SimpleNamespace(sliding_window=16, use_sliding_window=False), 2) == [
+        None,
+        None,
+    ]
+
+
+def test_bad_candidate_is_a_prune_error(task_dir):
+    model, tok = tiny_model("llama", 2, seed=0), byte_tokenizer()
+    fast = FastEvaluator(model, tok, _settings(task_dir, "llama"))
+    with pytest.raises(PruneError, match="out of range"):
+        fast.answers([(5,)])
+    with pytest.raises(PruneError, match="cannot remove all"):
+        fast.answers([(0, 1)])

@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 # The local CPU build of torch: installs from disk here, no multi-GB CUDA download.
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
-LIMIT ?= 100
 
 .PHONY: help install test test-fast lint demo bench clean
 

@@ -236,7 +236,7 @@ def relevance_options(func):
         click.option("--seq-len", type=int, default=256, show_default=True, help="Calibration tokens per sample."),
         click.option("--block-size", type=int, default=1, show_default=True, help="Score spans of N consecutive blocks (angular distance for N > 1)."),
         click.option("-l", "--layers", default=None, help="Score only these layers for accuracy/perplexity, e.g. 0-3,29 (cosine scores all)."),
-        click.option("--engine", type=click.Choice(["lm-eval", "fast"]), default="lm-eval", show_default=True, help="Evaluation engine for accuracy."),
+        click.option("--engine", type=click.Choice(["auto", "fast", "lm-eval"]), default="auto", show_default=True, help="Accuracy engine: fast (same numbers, much cheaper), lm-eval (the reference path), auto = fast where it can."),
         click.option("--no-cache", is_flag=True, help="Recompute every evaluation instead of reusing cached results."),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout."),
         dtype_option,

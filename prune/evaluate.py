@@ -33,7 +33,7 @@ from prune.errors import PruneError
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("lm-eval", "fast")
+ENGINES = ("auto", "fast", "lm-eval")  # auto = fast, falling back to lm-eval where it cannot
 # Bump when a change alters scores, so old cache entries are not reused.
 CACHE_VERSION = 1
 
@@ -249,13 +249,26 @@ def lm_eval_runner(model: Any, tokenizer: Any, settings: EvalSettings) -> LmEval
 
 
 def evaluate(
-    model: Any, tokenizer: Any, settings: EvalSettings, *, engine: str = "lm-eval"
+    model: Any, tokenizer: Any, settings: EvalSettings, *, engine: str = "auto"
 ) -> dict[str, TaskScore]:
     """Score the model as it is now on the settings' tasks; returns task -> TaskScore."""
     _check_engine(engine)
+    if engine == "auto":
+        return _with_fallback(lambda e: evaluate(model, tokenizer, settings, engine=e))
     if engine == "lm-eval":
         return lm_eval_runner(model, tokenizer, settings).run()
     return _fast_engine()(model, tokenizer, settings, [()])[0]
+
+
+def _with_fallback(call: Callable[[str], Any]) -> Any:
+    """Run `call` with the fast engine; where it cannot handle the task or model, with lm-eval."""
+    from prune.fasteval import FastEngineUnsupported
+
+    try:
+        return call("fast")
+    except FastEngineUnsupported as exc:
+        log.warning("%s: falling back to the lm-eval engine", str(exc).split("; use --engine")[0])
+        return call("lm-eval")
 
 
 def _check_engine(engine: str) -> None:
@@ -400,7 +413,7 @@ def evaluate_removals(
     settings: EvalSettings,
     candidates: list[tuple[int, ...]],
     *,
-    engine: str = "lm-eval",
+    engine: str = "auto",
     cache: ResultCache | None = None,
     progress: bool = True,
     chunk_size: int | None = None,
@@ -422,6 +435,13 @@ def evaluate_removals(
     from prune.surgery import count_layers, layers_removed, normalize_indices
 
     _check_engine(engine)
+    if engine == "auto":
+        return _with_fallback(
+            lambda e: evaluate_removals(
+                loaded, settings, candidates, engine=e, cache=cache, progress=progress,
+                chunk_size=chunk_size,
+            )
+        )
     model, tokenizer = loaded.model, loaded.tokenizer
     num_layers = count_layers(model)
     normed = [tuple(normalize_indices(list(c), num_layers)) if c else () for c in candidates]

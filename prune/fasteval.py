@@ -61,6 +61,10 @@ DEFAULT_ROW_TOKENS = 256
 DEFAULT_BATCH_TOKENS = 1024
 
 
+class FastEngineUnsupported(PruneError):
+    """The fast engine cannot score this task or model; the lm-eval path can ("auto" falls back to it)."""
+
+
 # --------------------------------------------------------------------------- lm-eval glue
 
 
@@ -76,12 +80,12 @@ class _RecordingLM(LM):
         return [(0.0, False)] * len(requests)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise PruneError(
+        raise FastEngineUnsupported(
             "the fast engine scores loglikelihood tasks only (this task needs rolling perplexity); use --engine lm-eval"
         )
 
     def generate_until(self, requests, disable_tqdm: bool = False):
-        raise PruneError(
+        raise FastEngineUnsupported(
             "the fast engine scores loglikelihood tasks only (this task generates text); use --engine lm-eval"
         )
 
@@ -446,7 +450,7 @@ class FastEngine:
         self.windows = attention_windows(config, len(self.blocks))
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):
-            raise PruneError(
+            raise FastEngineUnsupported(
                 f"the fast engine needs 'sdpa' or 'eager' attention (this model uses '{impl}'); use --engine lm-eval"
             )
         self.float_mask = next(model.parameters()).dtype if impl == "eager" else None
@@ -515,7 +519,7 @@ class FastEngine:
         tolerance = 1e-3 if next(self.model.parameters()).dtype == torch.float32 else 5e-2
         if not worst <= tolerance:
             model_type = getattr(text_config(self.model), "model_type", type(self.model).__name__)
-            raise PruneError(
+            raise FastEngineUnsupported(
                 f"the fast engine does not reproduce the forward pass of '{model_type}' "
                 f"(relative log-likelihood difference {worst:.2e}); use --engine lm-eval"
             )

@@ -325,7 +325,7 @@ def accuracy_relevance(
     *,
     layers: Sequence[int] | None = None,
     block_size: int = 1,
-    engine: str = "lm-eval",
+    engine: str = "auto",
     cache: ResultCache | None = None,
     progress: bool = True,
 ) -> Ranking:

@@ -15,7 +15,6 @@ through temporary files and renamed, comparison.json last.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -82,13 +81,6 @@ def _prepare_out(out: Path, overwrite: bool, resume: bool) -> None:
             f"output folder '{out}' exists and is not empty (pass --overwrite to start over, "
             "or --resume to continue from the evaluation cache)"
         )
-
-
-def pick_engine(name: str) -> str:
-    """'auto' is the fast engine when it is installed, else lm-eval."""
-    if name != "auto":
-        return name
-    return "fast" if importlib.util.find_spec("prune.fasteval") is not None else "lm-eval"
 
 
 def eval_settings(recipe: Recipe, strategy: Any | None = None) -> Any:
@@ -303,7 +295,7 @@ def run_recipe(
     # An old comparison.json would describe a finished run; it is rewritten last.
     for name in ("comparison.json", "comparison.md"):
         (out_dir / name).unlink(missing_ok=True)
-    engine = pick_engine(recipe.evaluation.engine)
+    engine = recipe.evaluation.engine  # auto = fast, falling back to lm-eval where it cannot
     job = Job(recipe, loaded, engine, progress, echo)
 
     t0 = time.perf_counter()

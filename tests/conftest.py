@@ -63,3 +63,20 @@ def data_dir():
     if not (SHARED_DATA / "arc_easy.jsonl").exists():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models spend their time in thread synchronisation: one thread is faster.
+
+    Slow tests (real models) keep torch's default.
+    """
+    import torch
+
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -279,3 +279,34 @@ def test_bad_candidate_is_a_prune_error(task_dir):
         fast.answers([(5,)])
     with pytest.raises(PruneError, match="cannot remove all"):
         fast.answers([(0, 1)])
+
+
+ROLLING_YAML = """task: t_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: "{root}/rolling.jsonl"
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+"""
+
+
+def test_auto_falls_back_to_lm_eval_where_fast_cannot(tmp_path):
+    """A rolling-perplexity task: 'fast' refuses with a clear message, 'auto' gives lm-eval's numbers."""
+    rng = random.Random(3)
+    _write_jsonl(tmp_path / "rolling.jsonl", [{"text": _sentence(rng, 5, 12)} for _ in range(3)])
+    (tmp_path / "t_rolling.yaml").write_text(ROLLING_YAML.format(root=tmp_path))
+    loaded = SimpleNamespace(model=tiny_model("llama", 4, seed=0), tokenizer=byte_tokenizer(), source=None)
+    settings = EvalSettings(tasks=("t_rolling",), include_path=str(tmp_path))
+    with pytest.raises(PruneError, match="use --engine lm-eval"):
+        evaluate_removals(loaded, settings, [(1,)], engine="fast", progress=False)
+    auto = evaluate_removals(loaded, settings, [(), (1,)], engine="auto", progress=False)
+    reference = evaluate_removals(loaded, settings, [(), (1,)], engine="lm-eval", progress=False)
+    assert [s["t_rolling"].value for s in auto] == [s["t_rolling"].value for s in reference]
+    assert auto[0]["t_rolling"].value != auto[1]["t_rolling"].value

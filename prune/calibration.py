@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from prune.errors import PruneError
 
@@ -120,3 +122,36 @@ def load_calibration(
             else read_hf_dataset(str(source))
         )
     return texts[:samples]
+
+
+def padded_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    seq_len: int,
+    batch_size: int,
+    device: Any,
+    *,
+    min_tokens: int = 1,
+    empty_error: str = "calibration texts produced no tokens",
+) -> Iterator[tuple[Any, Any]]:
+    """Tokenize `texts` (truncated to `seq_len`) and yield right-padded (input_ids, mask) batches.
+
+    Texts shorter than `min_tokens` are skipped; PruneError(`empty_error`) if none is left.
+    Both tensors are (B, T) on `device`; the mask is 1 on real tokens.
+    """
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+    encoded = [ids for ids in encoded if len(ids) >= min_tokens]
+    if not encoded:
+        raise PruneError(empty_error)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(ids) for ids in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        yield input_ids.to(device), mask.to(device)

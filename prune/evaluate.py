@@ -523,22 +523,14 @@ def perplexity(
     """
     if not texts:
         raise PruneError("perplexity needs at least one text")
+    from prune.calibration import padded_batches
+
     device = next(model.parameters()).device
-    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
-    encoded = [ids for ids in encoded if len(ids) >= 2]
-    if not encoded:
-        raise PruneError("perplexity: every text is shorter than two tokens")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+    for input_ids, mask in padded_batches(
+        tokenizer, texts, seq_len, batch_size, device,
+        min_tokens=2, empty_error="perplexity: every text is shorter than two tokens",
+    ):
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, T, V)
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
         target = input_ids[:, 1:]

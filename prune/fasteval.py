@@ -45,9 +45,15 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from torch import nn
 
-from prune.architectures import LAYER_INDEX_FIELDS, PER_LAYER_FIELDS
 from prune.errors import PruneError
-from prune.surgery import layers_removed, locate_layers, normalize_indices, text_config
+from prune.surgery import (
+    layers_removed,
+    locate_layers,
+    normalize_indices,
+    restore_config,
+    retarget_config,
+    text_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -382,31 +388,13 @@ def _installed(model: nn.Module, modules: list[nn.Module], origin: list[int]) ->
     per-layer config entries (layer types, ...) module i takes."""
     stack = locate_layers(model)
     config = text_config(model)
-    total = config.num_hidden_layers
-    position = {orig: new for new, orig in enumerate(origin)}
-    old: dict[str, Any] = {"num_hidden_layers": total}
-    for name in PER_LAYER_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)) and len(value) == total:
-            old[name] = value
-    for name in LAYER_INDEX_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, (list, tuple)):
-            old[name] = value
+    old = retarget_config(config, origin)
     try:
-        config.num_hidden_layers = len(modules)
-        for name in PER_LAYER_FIELDS:
-            if name in old:
-                setattr(config, name, [old[name][i] for i in origin])
-        for name in LAYER_INDEX_FIELDS:
-            if name in old:
-                setattr(config, name, [position[i] for i in old[name] if i in position])
         setattr(stack.parent, stack.attr, nn.ModuleList(modules))
         yield
     finally:
         setattr(stack.parent, stack.attr, stack.layers)
-        for name, value in old.items():
-            setattr(config, name, value)
+        restore_config(config, old)
 
 
 # --------------------------------------------------------------------------- the engine

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from prune.calibration import padded_batches
 from prune.errors import PruneError
 from prune.evaluate import (
     EvalSettings,
@@ -86,25 +87,6 @@ class Ranking:
 
 
 # --------------------------------------------------------------------------- cosine
-
-
-def _batches(
-    tokenizer: Any, texts: Sequence[str], seq_len: int, batch_size: int, device: torch.device
-):
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
-    encoded = [ids for ids in encoded if ids]
-    if not encoded:
-        raise PruneError("calibration texts produced no tokens")
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, ids in enumerate(chunk):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        yield input_ids.to(device), mask.to(device)
 
 
 def _hidden(value: Any) -> torch.Tensor:
@@ -208,7 +190,7 @@ def cosine_relevance(
     device = next(model.parameters()).device
     per_text: list[torch.Tensor] = []  # (spans,) mean score of each text
     total, count = None, 0
-    batches = list(_batches(tokenizer, texts, seq_len, batch_size, device))
+    batches = list(padded_batches(tokenizer, texts, seq_len, batch_size, device))
     for input_ids, mask in tqdm(
         batches, desc="cosine relevance", unit="batch", disable=not progress
     ):

@@ -159,12 +159,15 @@ def _renumber(layers: Sequence[nn.Module]) -> list[tuple[nn.Module, int]]:
     return changed
 
 
-def _update_config(config: Any, keep: list[int], removed: list[int]) -> dict[str, Any]:
-    """Make the config describe the kept blocks; return the old values of changed fields."""
-    old: dict[str, Any] = {"num_hidden_layers": config.num_hidden_layers}
+def retarget_config(config: Any, origin: list[int]) -> dict[str, Any]:
+    """Make the config describe a block list whose block i is original block `origin[i]`.
+
+    Sets the layer count, slices per-layer fields and renumbers layer-index fields
+    (dropping indices no longer present); returns the old values for `restore_config`.
+    """
     total = config.num_hidden_layers
-    kept_set = set(keep)
-    position = {orig: new for new, orig in enumerate(keep)}
+    position = {orig: new for new, orig in enumerate(origin)}
+    old: dict[str, Any] = {"num_hidden_layers": total}
     for name in PER_LAYER_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, (list, tuple)) and len(value) == total:
@@ -173,15 +176,20 @@ def _update_config(config: Any, keep: list[int], removed: list[int]) -> dict[str
         value = getattr(config, name, None)
         if isinstance(value, (list, tuple)):
             old[name] = value
-    config.num_hidden_layers = len(keep)
+    config.num_hidden_layers = len(origin)
     for name in PER_LAYER_FIELDS:
         if name in old:
-            setattr(config, name, [old[name][i] for i in keep])
+            setattr(config, name, [old[name][i] for i in origin])
     for name in LAYER_INDEX_FIELDS:
         if name in old:
-            setattr(config, name, [position[i] for i in old[name] if i in kept_set])
-    del removed
+            setattr(config, name, [position[i] for i in old[name] if i in position])
     return old
+
+
+def restore_config(config: Any, old: dict[str, Any]) -> None:
+    """Undo `retarget_config`."""
+    for name, value in old.items():
+        setattr(config, name, value)
 
 
 def drop_layers(model: nn.Module, indices: Iterable[int]) -> Removal:
@@ -198,7 +206,7 @@ def drop_layers(model: nn.Module, indices: Iterable[int]) -> Removal:
     keep = [i for i in range(len(stack)) if i not in removed_set]
     new_layers = nn.ModuleList([stack.layers[i] for i in keep])
     setattr(stack.parent, stack.attr, new_layers)
-    old_config = _update_config(text_config(model), keep, removed)
+    old_config = retarget_config(text_config(model), keep)
     old_idx = _renumber(new_layers)
     return Removal(removed, stack.layers, old_config, old_idx)
 
@@ -207,9 +215,7 @@ def restore_layers(model: nn.Module, removal: Removal) -> None:
     """Undo `drop_layers`: put the original block list, config and layer indices back."""
     stack = locate_layers_for_restore(model, len(removal.old_layers) - len(removal.removed))
     setattr(stack[0], stack[1], removal.old_layers)
-    config = text_config(model)
-    for name, value in removal.old_config.items():
-        setattr(config, name, value)
+    restore_config(text_config(model), removal.old_config)
     for module, old in removal.old_layer_idx:
         module.layer_idx = old
 

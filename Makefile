@@ -32,8 +32,8 @@ test-fast: $(STAMP) ## run the tests without the slow (real model) ones
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff check and format check
-	$(BIN)/ruff check prune tests
-	$(BIN)/ruff format --check prune tests
+	$(BIN)/ruff check prune tests benchmarks
+	$(BIN)/ruff format --check prune tests benchmarks
 
 demo: $(STAMP) ## the main job on the embedded default model (SmolLM2-135M), offline
 	HF_HUB_OFFLINE=1 $(BIN)/prune run recipes/smollm2-135m.yaml --out $(DEMO_OUT) --overwrite

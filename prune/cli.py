@@ -23,10 +23,14 @@ log = logging.getLogger("prune")
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     logging.getLogger("prune").setLevel(logging.DEBUG if verbose > 1 else level)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads this only when imported: also tell the libraries
+        os.environ["TQDM_DISABLE"] = (
+            "1"  # tqdm reads this only when imported: also tell the libraries
+        )
     try:
         from transformers.utils import logging as hf_logging
 
@@ -58,11 +62,18 @@ def handle_errors(func):
 
 model_argument = click.argument("model", default=DEFAULT_MODEL, required=False)
 dtype_option = click.option(
-    "--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+    "--dtype",
+    type=click.Choice(DTYPES),
+    default="auto",
+    show_default=True,
     help="Weights dtype; auto = float32 on CPU, bfloat16 on GPU.",
 )
 device_option = click.option(
-    "--device", type=click.Choice(DEVICES), default="auto", show_default=True, envvar="PRUNE_DEVICE",
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    envvar="PRUNE_DEVICE",
     help="Where to run the model.",
 )
 
@@ -106,29 +117,56 @@ def info(model: str, dtype: str, device: str, as_json: bool) -> None:
     click.echo(f"layers:        {summary['num_layers']} at `{summary['layer_path']}`")
     if summary["layer_types"]:
         kinds = sorted(set(summary["layer_types"]))
-        click.echo("layer types:   " + ", ".join(f"{k} x{summary['layer_types'].count(k)}" for k in kinds))
+        click.echo(
+            "layer types:   " + ", ".join(f"{k} x{summary['layer_types'].count(k)}" for k in kinds)
+        )
     click.echo(f"parameters:    {summary['parameters']:,}")
-    click.echo(f"per block:     {per_block[0]:,}" + (" (all equal)" if len(set(per_block)) == 1 else f" .. {max(per_block):,}"))
+    click.echo(
+        f"per block:     {per_block[0]:,}"
+        + (" (all equal)" if len(set(per_block)) == 1 else f" .. {max(per_block):,}")
+    )
     click.echo(f"dtype/device:  {summary['dtype']} on {summary['device']}")
 
 
 @cli.command()
 @model_argument
-@click.option("-l", "--layers", required=True, help="Layers to remove, e.g. 3,7,12 or 20-23; negatives count from the end.")
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder.")
+@click.option(
+    "-l",
+    "--layers",
+    required=True,
+    help="Layers to remove, e.g. 3,7,12 or 20-23; negatives count from the end.",
+)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output checkpoint folder."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--max-shard-size", default="2GB", show_default=True, help="Shard safetensors above this size.")
+@click.option(
+    "--max-shard-size", default="2GB", show_default=True, help="Shard safetensors above this size."
+)
 @dtype_option
 @device_option
 @handle_errors
-def drop(model: str, layers: str, out: Path, overwrite: bool, max_shard_size: str, dtype: str, device: str) -> None:
+def drop(
+    model: str,
+    layers: str,
+    out: Path,
+    overwrite: bool,
+    max_shard_size: str,
+    dtype: str,
+    device: str,
+) -> None:
     """Remove the given layers from MODEL and write a loadable checkpoint to --out."""
     from prune.export import drop_and_export
     from prune.surgery import parse_layer_list
 
     record = drop_and_export(
-        model, parse_layer_list(layers), out, dtype=dtype, device=device,
-        overwrite=overwrite, max_shard_size=max_shard_size,
+        model,
+        parse_layer_list(layers),
+        out,
+        dtype=dtype,
+        device=device,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
     )
     click.echo(
         f"removed layers {record['removed_layers']}: {record['num_layers_before']} -> "
@@ -153,15 +191,39 @@ def validate(recipe: Path) -> None:
 
 @cli.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides export.out).")
-@click.option("--limit", type=int, help="First N documents per task, for ranking and reporting (overrides the recipe).")
-@click.option("--device", type=click.Choice(DEVICES), envvar="PRUNE_DEVICE", help="Overrides the recipe's device.")
-@click.option("--push/--no-push", default=None, help="Push the variants to the Hub (overrides push.enabled).")
+@click.option(
+    "-o", "--out", type=click.Path(path_type=Path), help="Output folder (overrides export.out)."
+)
+@click.option(
+    "--limit",
+    type=int,
+    help="First N documents per task, for ranking and reporting (overrides the recipe).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    envvar="PRUNE_DEVICE",
+    help="Overrides the recipe's device.",
+)
+@click.option(
+    "--push/--no-push", default=None, help="Push the variants to the Hub (overrides push.enabled)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
-@click.option("--resume", is_flag=True, help="Continue in an existing output folder, reusing cached evaluations.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue in an existing output folder, reusing cached evaluations.",
+)
 @handle_errors
-def run(recipe: Path, out: Path | None, limit: int | None, device: str | None, push: bool | None,
-        overwrite: bool, resume: bool) -> None:
+def run(
+    recipe: Path,
+    out: Path | None,
+    limit: int | None,
+    device: str | None,
+    push: bool | None,
+    overwrite: bool,
+    resume: bool,
+) -> None:
     """Run RECIPE end to end: rank with each strategy, prune, re-evaluate, export, compare.
 
     \b
@@ -173,8 +235,15 @@ def run(recipe: Path, out: Path | None, limit: int | None, device: str | None, p
 
     quiet = bool(click.get_current_context().find_root().params.get("quiet"))
     result = run_recipe(
-        recipe, out=out, limit=limit, device=device, push=push, overwrite=overwrite, resume=resume,
-        progress=not quiet, echo=lambda msg: click.echo(msg, err=True) if not quiet else None,
+        recipe,
+        out=out,
+        limit=limit,
+        device=device,
+        push=push,
+        overwrite=overwrite,
+        resume=resume,
+        progress=not quiet,
+        echo=lambda msg: click.echo(msg, err=True) if not quiet else None,
     )
     click.echo(format_table(headline_rows(result.comparison)))
     click.echo("")
@@ -191,15 +260,33 @@ def run(recipe: Path, out: Path | None, limit: int | None, device: str | None, p
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Target repo, NAMESPACE/NAME (created if missing).")
-@click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused).")
+@click.option(
+    "--private", is_flag=True, help="Create the repo private (an existing public repo is refused)."
+)
 @click.option("--revision", help="Branch to push to (created from main if new). Default: main.")
-@click.option("--commit-message", help="Commit title. Default: 'Upload FOLDER (pruned with prune VERSION)'.")
-@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
-@click.option("--token", help="Hub token. Default: HF_TOKEN, then the stored `hf auth login` token.")
+@click.option(
+    "--commit-message", help="Commit title. Default: 'Upload FOLDER (pruned with prune VERSION)'."
+)
+@click.option(
+    "--create-pr",
+    is_flag=True,
+    help="Open a pull request against main instead of committing to it.",
+)
+@click.option(
+    "--token", help="Hub token. Default: HF_TOKEN, then the stored `hf auth login` token."
+)
 @click.option("--endpoint", help="Hub URL. Default: HF_ENDPOINT, then https://huggingface.co.")
 @handle_errors
-def push(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
-         create_pr: bool, token: str | None, endpoint: str | None) -> None:
+def push(
+    folder: Path,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    token: str | None,
+    endpoint: str | None,
+) -> None:
     """Check FOLDER (a checkpoint with its model card) and upload it to the Hub.
 
     Re-pushing an unchanged folder makes no commit.
@@ -211,8 +298,14 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, commit
     from prune.hub import push_folder
 
     result = push_folder(
-        folder, repo_id, token=token, private=private, revision=revision,
-        commit_message=commit_message, create_pr=create_pr, endpoint=endpoint,
+        folder,
+        repo_id,
+        token=token,
+        private=private,
+        revision=revision,
+        commit_message=commit_message,
+        create_pr=create_pr,
+        endpoint=endpoint,
     )
     click.echo(f"repo:   {result.repo_url}")
     if result.pr_url:
@@ -224,20 +317,87 @@ def push(folder: Path, repo_id: str, private: bool, revision: str | None, commit
 def relevance_options(func):
     """Options shared by `rank` and `compare` (evaluation, calibration, cache)."""
     options = [
-        click.option("-t", "--tasks", default=None, help="Comma-separated lm-eval tasks, e.g. local_arc_easy,local_piqa."),
-        click.option("--limit", type=int, default=None, help="First N documents of each task (>= 1)."),
-        click.option("--num-fewshot", type=int, default=0, show_default=True, help="Few-shot examples per prompt."),
-        click.option("--batch-size", type=int, default=8, show_default=True, help="Batch size for evaluation and calibration."),
-        click.option("--task-metric", default=None, help="Per-task score, e.g. acc or acc_norm (default: the task's headline)."),
-        click.option("--include-path", type=click.Path(), default=None, help="Folder of extra lm-eval task YAMLs."),
-        click.option("--data-dir", type=click.Path(), default=None, envvar="PRUNE_DATA_DIR", help="Benchmark data folder for local_* tasks [env: PRUNE_DATA_DIR]."),
-        click.option("--calibration", default=None, help="Calibration text: a .txt/.jsonl file or a HF dataset name (default: LAMBADA passages)."),
-        click.option("--samples", type=int, default=64, show_default=True, help="Calibration samples."),
-        click.option("--seq-len", type=int, default=256, show_default=True, help="Calibration tokens per sample."),
-        click.option("--block-size", type=int, default=1, show_default=True, help="Score spans of N consecutive blocks (angular distance for N > 1)."),
-        click.option("-l", "--layers", default=None, help="Score only these layers for accuracy/perplexity, e.g. 0-3,29 (cosine scores all)."),
-        click.option("--engine", type=click.Choice(["auto", "fast", "lm-eval"]), default="auto", show_default=True, help="Accuracy engine: fast (same numbers, much cheaper), lm-eval (the reference path), auto = fast where it can."),
-        click.option("--no-cache", is_flag=True, help="Recompute every evaluation instead of reusing cached results."),
+        click.option(
+            "-t",
+            "--tasks",
+            default=None,
+            help="Comma-separated lm-eval tasks, e.g. local_arc_easy,local_piqa.",
+        ),
+        click.option(
+            "--limit", type=int, default=None, help="First N documents of each task (>= 1)."
+        ),
+        click.option(
+            "--num-fewshot",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Few-shot examples per prompt.",
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=8,
+            show_default=True,
+            help="Batch size for evaluation and calibration.",
+        ),
+        click.option(
+            "--task-metric",
+            default=None,
+            help="Per-task score, e.g. acc or acc_norm (default: the task's headline).",
+        ),
+        click.option(
+            "--include-path",
+            type=click.Path(),
+            default=None,
+            help="Folder of extra lm-eval task YAMLs.",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(),
+            default=None,
+            envvar="PRUNE_DATA_DIR",
+            help="Benchmark data folder for local_* tasks [env: PRUNE_DATA_DIR].",
+        ),
+        click.option(
+            "--calibration",
+            default=None,
+            help="Calibration text: a .txt/.jsonl file or a HF dataset name (default: LAMBADA passages).",
+        ),
+        click.option(
+            "--samples", type=int, default=64, show_default=True, help="Calibration samples."
+        ),
+        click.option(
+            "--seq-len",
+            type=int,
+            default=256,
+            show_default=True,
+            help="Calibration tokens per sample.",
+        ),
+        click.option(
+            "--block-size",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Score spans of N consecutive blocks (angular distance for N > 1).",
+        ),
+        click.option(
+            "-l",
+            "--layers",
+            default=None,
+            help="Score only these layers for accuracy/perplexity, e.g. 0-3,29 (cosine scores all).",
+        ),
+        click.option(
+            "--engine",
+            type=click.Choice(["auto", "fast", "lm-eval"]),
+            default="auto",
+            show_default=True,
+            help="Accuracy engine: fast (same numbers, much cheaper), lm-eval (the reference path), auto = fast where it can.",
+        ),
+        click.option(
+            "--no-cache",
+            is_flag=True,
+            help="Recompute every evaluation instead of reusing cached results.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout."),
         dtype_option,
         device_option,
@@ -248,8 +408,23 @@ def relevance_options(func):
 
 
 def _relevance_kwargs(kw: dict) -> dict:
-    keys = ("tasks", "limit", "num_fewshot", "batch_size", "task_metric", "include_path", "data_dir",
-            "calibration", "samples", "seq_len", "block_size", "layers", "engine", "dtype", "device")
+    keys = (
+        "tasks",
+        "limit",
+        "num_fewshot",
+        "batch_size",
+        "task_metric",
+        "include_path",
+        "data_dir",
+        "calibration",
+        "samples",
+        "seq_len",
+        "block_size",
+        "layers",
+        "engine",
+        "dtype",
+        "device",
+    )
     out = {k: kw[k] for k in keys}
     out["use_cache"] = not kw["no_cache"]
     out["progress"] = os.environ.get("TQDM_DISABLE") != "1"
@@ -258,7 +433,14 @@ def _relevance_kwargs(kw: dict) -> dict:
 
 @cli.command()
 @model_argument
-@click.option("-m", "--metric", type=click.Choice(["cosine", "accuracy", "perplexity"]), default="cosine", show_default=True, help="Relevance measure.")
+@click.option(
+    "-m",
+    "--metric",
+    type=click.Choice(["cosine", "accuracy", "perplexity"]),
+    default="cosine",
+    show_default=True,
+    help="Relevance measure.",
+)
 @relevance_options
 @handle_errors
 def rank(model: str, metric: str, as_json: bool, **kw) -> None:
@@ -277,9 +459,22 @@ def rank(model: str, metric: str, as_json: bool, **kw) -> None:
 
 @cli.command()
 @model_argument
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Folder for report.json, table.md, relevance.png.")
-@click.option("--measures", default="cosine,accuracy", show_default=True, help="Comma-separated: cosine, accuracy, perplexity.")
-@click.option("--perplexity", "with_ppl", is_flag=True, help="Also compute the perplexity increase.")
+@click.option(
+    "-o",
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for report.json, table.md, relevance.png.",
+)
+@click.option(
+    "--measures",
+    default="cosine,accuracy",
+    show_default=True,
+    help="Comma-separated: cosine, accuracy, perplexity.",
+)
+@click.option(
+    "--perplexity", "with_ppl", is_flag=True, help="Also compute the perplexity increase."
+)
 @relevance_options
 @handle_errors
 def compare(model: str, out: Path, measures: str, with_ppl: bool, as_json: bool, **kw) -> None:

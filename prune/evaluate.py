@@ -438,7 +438,12 @@ def evaluate_removals(
     if engine == "auto":
         return _with_fallback(
             lambda e: evaluate_removals(
-                loaded, settings, candidates, engine=e, cache=cache, progress=progress,
+                loaded,
+                settings,
+                candidates,
+                engine=e,
+                cache=cache,
+                progress=progress,
                 chunk_size=chunk_size,
             )
         )
@@ -528,8 +533,13 @@ def perplexity(
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for input_ids, mask in padded_batches(
-        tokenizer, texts, seq_len, batch_size, device,
-        min_tokens=2, empty_error="perplexity: every text is shorter than two tokens",
+        tokenizer,
+        texts,
+        seq_len,
+        batch_size,
+        device,
+        min_tokens=2,
+        empty_error="perplexity: every text is shorter than two tokens",
     ):
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()  # (B, T, V)
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)

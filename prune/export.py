@@ -36,7 +36,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PruneError(f"output '{out}' exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise PruneError(f"output folder '{out}' exists and is not empty (pass --overwrite to replace it)")
+        raise PruneError(
+            f"output folder '{out}' exists and is not empty (pass --overwrite to replace it)"
+        )
     # The temp folder is created beside `out`: the nearest existing ancestor must be a writable folder.
     parent = out.absolute().parent
     while not parent.exists():
@@ -57,7 +59,9 @@ def parse_shard_size(size: str | int) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise PruneError(f"bad --max-shard-size value {size!r} (use e.g. 500MB, 2GB or a number of bytes)")
+        raise PruneError(
+            f"bad --max-shard-size value {size!r} (use e.g. 500MB, 2GB or a number of bytes)"
+        )
     return value
 
 
@@ -70,7 +74,9 @@ def _stamp_safetensors(folder: Path, metadata: dict[str, str]) -> None:
         save_file(tensors, str(path), metadata={**existing, **metadata})
 
 
-def prune_record(loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+def prune_record(
+    loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The provenance written to prune.json."""
     record: dict[str, Any] = {
         "prune_version": __version__,
@@ -189,5 +195,7 @@ def drop_and_export(
     loaded = load_model(spec, dtype=dtype, device=device)
     before = count_layers(loaded.model)
     removal = drop_layers(loaded.model, layers)
-    export_checkpoint(loaded, out, removal.removed, before, overwrite=overwrite, max_shard_size=max_shard_size)
+    export_checkpoint(
+        loaded, out, removal.removed, before, overwrite=overwrite, max_shard_size=max_shard_size
+    )
     return json.loads((out / PRUNE_JSON).read_text())

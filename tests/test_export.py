@@ -274,7 +274,12 @@ def test_export_has_ordinary_permissions(tiny_llama_dir, tmp_path):
     from prune.cli import cli
 
     out = tmp_path / "perm"
-    assert CliRunner().invoke(cli, ["drop", str(tiny_llama_dir), "--layers", "1", "--out", str(out)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(cli, ["drop", str(tiny_llama_dir), "--layers", "1", "--out", str(out)])
+        .exit_code
+        == 0
+    )
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask

@@ -302,7 +302,9 @@ def test_auto_falls_back_to_lm_eval_where_fast_cannot(tmp_path):
     rng = random.Random(3)
     _write_jsonl(tmp_path / "rolling.jsonl", [{"text": _sentence(rng, 5, 12)} for _ in range(3)])
     (tmp_path / "t_rolling.yaml").write_text(ROLLING_YAML.format(root=tmp_path))
-    loaded = SimpleNamespace(model=tiny_model("llama", 4, seed=0), tokenizer=byte_tokenizer(), source=None)
+    loaded = SimpleNamespace(
+        model=tiny_model("llama", 4, seed=0), tokenizer=byte_tokenizer(), source=None
+    )
     settings = EvalSettings(tasks=("t_rolling",), include_path=str(tmp_path))
     with pytest.raises(PruneError, match="use --engine lm-eval"):
         evaluate_removals(loaded, settings, [(1,)], engine="fast", progress=False)

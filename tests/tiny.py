@@ -16,7 +16,11 @@ VOCAB = 256
 
 def _byte_chars() -> dict[int, str]:
     # The GPT-2 byte-to-printable-character table.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -54,20 +58,38 @@ CONFIGS: dict[str, dict] = {
     "qwen3": dict(_DECODER, head_dim=8),
     "gemma2": dict(_DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8),
     "gemma3_text": dict(
-        _DECODER, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, layer_types=_every_third_full
+        _DECODER,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=8,
+        layer_types=_every_third_full,
     ),
     "phi3": dict(_DECODER),
     "olmo2": dict(_DECODER),
     "gpt2": dict(n_embd=32, n_head=4, n_inner=64, n_positions=64),
-    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=64),
-    "opt": dict(hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+    "gpt_neox": dict(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=64
+    ),
+    "opt": dict(
+        hidden_size=32,
+        ffn_dim=64,
+        num_attention_heads=4,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+    ),
     "falcon": dict(hidden_size=32, num_attention_heads=4),
 }
 
 
 def tiny_config(model_type: str, num_layers: int = 4, **overrides):
     """The config of a tiny `model_type` model with `num_layers` blocks."""
-    kwargs = {"vocab_size": VOCAB, "num_hidden_layers": num_layers, **TOKEN_IDS, **CONFIGS[model_type], **overrides}
+    kwargs = {
+        "vocab_size": VOCAB,
+        "num_hidden_layers": num_layers,
+        **TOKEN_IDS,
+        **CONFIGS[model_type],
+        **overrides,
+    }
     kwargs = {k: v(num_layers) if callable(v) else v for k, v in kwargs.items()}
     return AutoConfig.for_model(model_type, **kwargs)
 
@@ -79,7 +101,9 @@ def tiny_model(model_type: str = "llama", num_layers: int = 4, seed: int = 0, **
     return model.eval()
 
 
-def save_tiny_checkpoint(folder, model_type: str = "llama", num_layers: int = 4, seed: int = 0, **overrides):
+def save_tiny_checkpoint(
+    folder, model_type: str = "llama", num_layers: int = 4, seed: int = 0, **overrides
+):
     """Write a tiny model and the byte tokenizer to `folder` (usable as a MODEL argument)."""
     model = tiny_model(model_type, num_layers, seed, **overrides)
     model.save_pretrained(folder)

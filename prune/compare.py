@@ -367,11 +367,10 @@ def _parse_layers(layers: str | Sequence[int] | None) -> list[int] | None:
     return list(layers)
 
 
-def compare_model(
+def measure_model(
     model: str,
-    out: str | os.PathLike,
+    measures: Sequence[str],
     *,
-    measures: Sequence[str] = ("cosine", "accuracy"),
     tasks: str | Sequence[str] | None = None,
     limit: int | None = None,
     num_fewshot: int = 0,
@@ -389,13 +388,13 @@ def compare_model(
     dtype: str = "auto",
     device: str = "auto",
     progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Path]]:
-    """`prune compare`: load MODEL, run the measures, write report.json/table.md/relevance.png to `out`."""
+) -> dict[str, Any]:
+    """Validate the options (before any model is loaded), load MODEL and run `measures` on it.
+
+    Returns the report dict that `rank` prints and `compare` writes.
+    """
     from prune.models import load_model
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PruneError(f"--out '{out}' exists and is not a folder")
     settings, texts, cache = _prepare(
         model,
         measures,
@@ -426,62 +425,28 @@ def compare_model(
         layers=_parse_layers(layers),
     )
     report["source"] = loaded.source.to_dict()
+    return report
+
+
+def compare_model(
+    model: str,
+    out: str | os.PathLike,
+    *,
+    measures: Sequence[str] = ("cosine", "accuracy"),
+    **options: Any,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """`prune compare`: run the measures (options as in `measure_model`) and write
+    report.json/table.md/relevance.png to `out`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"--out '{out}' exists and is not a folder")
+    report = measure_model(model, measures, **options)
     return report, write_report(report, out)
 
 
-def rank_model(
-    model: str,
-    metric: str,
-    *,
-    tasks: str | Sequence[str] | None = None,
-    limit: int | None = None,
-    num_fewshot: int = 0,
-    batch_size: int = 8,
-    task_metric: str | None = None,
-    include_path: str | None = None,
-    data_dir: str | None = None,
-    calibration: str | None = None,
-    samples: int = 64,
-    seq_len: int = 256,
-    block_size: int = 1,
-    layers: str | Sequence[int] | None = None,
-    engine: str = "auto",
-    use_cache: bool = True,
-    dtype: str = "auto",
-    device: str = "auto",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """`prune rank`: one measure on MODEL, as a report dict (same layout as `compare`)."""
+def rank_model(model: str, metric: str, **options: Any) -> dict[str, Any]:
+    """`prune rank`: one measure on MODEL (options as in `measure_model`), as a report dict
+    (same layout as `compare`)."""
     if metric not in MEASURES:
         raise PruneError(f"unknown metric '{metric}' (accepted: {', '.join(MEASURES)})")
-    from prune.models import load_model
-
-    settings, texts, cache = _prepare(
-        model,
-        [metric],
-        tasks=tasks,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        batch_size=batch_size,
-        task_metric=task_metric,
-        include_path=include_path,
-        data_dir=data_dir,
-        calibration=calibration,
-        samples=samples,
-        use_cache=use_cache,
-    )
-    loaded = load_model(model, dtype=dtype, device=device)
-    return compare_measures(
-        loaded,
-        settings,
-        texts=texts,
-        model_name=model,
-        measures=[metric],
-        seq_len=seq_len,
-        batch_size=batch_size,
-        block_size=block_size,
-        engine=engine,
-        cache=cache,
-        progress=progress,
-        layers=_parse_layers(layers),
-    )
+    return measure_model(model, [metric], **options)

@@ -23,13 +23,7 @@ from typing import Any
 
 from prune.errors import PruneError
 from prune.evaluate import EvalSettings, ResultCache
-from prune.relevance import (
-    MEASURES,
-    Ranking,
-    accuracy_relevance,
-    cached_cosine_relevance,
-    perplexity_relevance,
-)
+from prune.relevance import MEASURES, Ranking, rank_layers
 
 OVERLAP_FRACTIONS = (0.10, 0.25, 0.50)
 
@@ -187,37 +181,19 @@ def compare_measures(
     timings: dict[str, float] = {}
     for measure in measures:
         start = time.perf_counter()
-        if measure == "cosine":
-            rankings[measure] = cached_cosine_relevance(
-                loaded,
-                texts,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                block_size=block_size,
-                cache=cache,
-                progress=progress,
-            )
-        elif measure == "accuracy":
-            rankings[measure] = accuracy_relevance(
-                loaded,
-                settings,
-                layers=layers,
-                block_size=block_size,
-                engine=engine,
-                cache=cache,
-                progress=progress,
-            )
-        else:
-            rankings[measure] = perplexity_relevance(
-                loaded,
-                texts,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                layers=layers,
-                block_size=block_size,
-                cache=cache,
-                progress=progress,
-            )
+        rankings[measure] = rank_layers(
+            measure,
+            loaded,
+            texts=texts,
+            settings=settings,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            block_size=block_size,
+            layers=layers,
+            engine=engine,
+            cache=cache,
+            progress=progress,
+        )
         timings[measure] = round(time.perf_counter() - start, 2)
     return build_report(model_name, rankings, timings)
 

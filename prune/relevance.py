@@ -406,3 +406,56 @@ def perplexity_relevance(
         "block_size": block_size,
     }
     return Ranking("perplexity", scores, num_layers, base, settings)
+
+
+def rank_layers(
+    measure: str,
+    loaded: Any,
+    *,
+    texts: Sequence[str] | None = None,
+    settings: EvalSettings | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    block_size: int = 1,
+    layers: Sequence[int] | None = None,
+    engine: str = "auto",
+    cache: ResultCache | None = None,
+    progress: bool = True,
+) -> Ranking:
+    """Rank the blocks of `loaded` by one measure, named as in MEASURES.
+
+    Cosine and perplexity read `texts` (calibration); accuracy evaluates `settings`.
+    `layers` limits the per-layer evaluations of accuracy and perplexity.
+    """
+    if measure == "cosine":
+        return cached_cosine_relevance(
+            loaded,
+            texts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            block_size=block_size,
+            cache=cache,
+            progress=progress,
+        )
+    if measure == "accuracy":
+        return accuracy_relevance(
+            loaded,
+            settings,
+            layers=layers,
+            block_size=block_size,
+            engine=engine,
+            cache=cache,
+            progress=progress,
+        )
+    if measure == "perplexity":
+        return perplexity_relevance(
+            loaded,
+            texts,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            layers=layers,
+            block_size=block_size,
+            cache=cache,
+            progress=progress,
+        )
+    raise PruneError(f"unknown measure '{measure}' (accepted: {', '.join(MEASURES)})")

@@ -194,26 +194,16 @@ class Job:
         settings = eval_settings(self.recipe, strategy) if name == "accuracy" else None
 
         def measure() -> Any:
-            if name == "cosine":
-                return relevance.cached_cosine_relevance(
-                    self.loaded,
-                    self.texts(),
-                    seq_len=cal.seq_len,
-                    batch_size=cal.batch_size,
-                    cache=self.cache,
-                    progress=self.progress,
-                )
-            if name == "perplexity":
-                return relevance.perplexity_relevance(
-                    self.loaded,
-                    self.texts(),
-                    seq_len=cal.seq_len,
-                    batch_size=cal.batch_size,
-                    cache=self.cache,
-                    progress=self.progress,
-                )
-            return relevance.accuracy_relevance(
-                self.loaded, settings, engine=self.engine, cache=self.cache, progress=self.progress
+            return relevance.rank_layers(
+                name,
+                self.loaded,
+                texts=self.texts() if name in ("cosine", "perplexity") else None,
+                settings=settings,
+                seq_len=cal.seq_len,
+                batch_size=cal.batch_size,
+                engine=self.engine,
+                cache=self.cache,
+                progress=self.progress,
             )
 
         def rank(removed: tuple[int, ...]) -> dict[int, float]:

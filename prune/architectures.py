@@ -38,6 +38,11 @@ PER_LAYER_FIELDS: tuple[str, ...] = (
 # Config fields holding block *indices* (renumbered; removed ones dropped).
 LAYER_INDEX_FIELDS: tuple[str, ...] = ("mlp_only_layers",)
 
+# Attribute names of a block's position-wise feed-forward module (MLP or
+# dropless mixture of experts), tried in order. OPT keeps fc1/fc2 inline in the
+# block and has none; callers then simply skip what they wanted to do with it.
+FEED_FORWARD_ATTRS: tuple[str, ...] = ("mlp", "feed_forward", "block_sparse_moe")
+
 # Model types covered by the test suite (tiny models of each are pruned,
 # reloaded and compared). Others work when their blocks sit on a known path.
 TESTED_MODEL_TYPES: tuple[str, ...] = (
@@ -106,6 +111,14 @@ def index_dependent_setting(config: Any) -> str | None:
         value = getattr(config, name, None)
         if value is not None and in_effect(value):
             return f"{name}={value!r}"
+    return None
+
+
+def feed_forward_attr(block: nn.Module) -> str | None:
+    """The attribute holding `block`'s feed-forward module, or None when it has none we know."""
+    for name in FEED_FORWARD_ATTRS:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return name
     return None
 
 

@@ -21,7 +21,8 @@ model) at once, reproducing the lm-eval path's numbers:
   Saved states are bounded by a memory budget: beyond it, documents are handled
   in chunks.
 - **Logits only where scored.** `logits_to_keep` (a boolean mask) applies the LM
-  head, and any logit soft-capping of the model, only at continuation positions.
+  head, and any logit soft-capping of the model, only at continuation positions;
+  the last block's feed-forward (position-wise) runs only there too.
 
 Blocks are swapped in and out of the model's own block list (no weight copies)
 and the model's own forward builds embeddings, rotary tables and the final norm,
@@ -32,6 +33,7 @@ a plain forward on the first batch and refuses to go on when they disagree.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from torch import nn
 
+from prune.architectures import feed_forward_attr
 from prune.errors import PruneError
 from prune.surgery import (
     layers_removed,
@@ -63,7 +66,7 @@ Answer = tuple[float, bool]  # (log-likelihood, is greedy), as lm-eval's loglike
 # Saved block inputs kept at once (bytes); PRUNE_FAST_STATE_BUDGET overrides.
 DEFAULT_STATE_BUDGET = 1 << 30
 # Packed tokens per row and padded tokens per batch (rows x row length).
-DEFAULT_ROW_TOKENS = 256
+DEFAULT_ROW_TOKENS = 128
 DEFAULT_BATCH_TOKENS = 1024
 
 
@@ -348,6 +351,10 @@ class _Run:
         self.start: torch.Tensor | None = None
         self.record: dict[int, torch.Tensor] | None = None
         self.tuple_output = False
+        self.keep: torch.Tensor | None = None  # (B, T) positions whose logits are needed
+        self.last: int | None = (
+            None  # the last installed block: its feed-forward runs at `keep` only
+        )
 
 
 class _Block(nn.Module):
@@ -359,14 +366,63 @@ class _Block(nn.Module):
         super().__init__()
         self.block, self.index, self.window, self.save = block, index, window, record
         self.__dict__["run"] = run  # plain attribute, not a submodule
+        self.ff_attr = feed_forward_attr(block)
+        self.signature = inspect.signature(block.forward)
 
     def forward(self, hidden_states, *args, **kwargs):
         run = self.run
         if self.save and run.record is not None:
             run.record[self.index] = hidden_states.clone()
-        kwargs["attention_mask"] = run.masks[self.window]
-        out = self.block(hidden_states, *args, **kwargs)
+        args, kwargs = self._with_mask((hidden_states, *args), kwargs, run.masks[self.window])
+        if self.ff_attr is not None and run.keep is not None and run.last == self.index:
+            out = self._kept_rows_forward(*args, **kwargs)
+        else:
+            out = self.block(*args, **kwargs)
         run.tuple_output = isinstance(out, tuple)
+        return out
+
+    def _with_mask(self, args: tuple, kwargs: dict, mask: torch.Tensor) -> tuple[tuple, dict]:
+        """The call's arguments with the packed tree mask as its attention mask, wherever the
+        model passes it (Llama-style models by keyword, GPT-2 positionally)."""
+        if len(args) > 1 and "attention_mask" in self.signature.parameters:
+            bound = self.signature.bind_partial(*args, **kwargs)
+            bound.arguments["attention_mask"] = mask
+            return bound.args, bound.kwargs
+        return args, {**kwargs, "attention_mask": mask}
+
+    def _kept_rows_forward(self, *args, **kwargs):
+        """The block with its feed-forward applied at the kept positions only (zeros elsewhere:
+        only kept positions reach the LM head, and a feed-forward mixes no positions)."""
+        inner = getattr(self.block, self.ff_attr)
+        wrapper = _KeptRowsOnly(inner, self.run.keep)
+        setattr(self.block, self.ff_attr, wrapper)
+        try:
+            out = self.block(*args, **kwargs)
+        finally:
+            setattr(self.block, self.ff_attr, inner)
+        if wrapper.unsupported:  # e.g. a mixture of experts returning router logits too
+            self.ff_attr = None
+        return out
+
+
+class _KeptRowsOnly(nn.Module):
+    """Runs a position-wise module on the rows `keep` selects and scatters the result into zeros."""
+
+    def __init__(self, inner: nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.inner, self.keep, self.unsupported = inner, keep, False
+
+    def forward(self, x, *args, **kwargs):
+        keep = self.keep
+        if args or kwargs or x.dim() != 3 or x.shape[:2] != keep.shape:
+            self.unsupported = True
+            return self.inner(x, *args, **kwargs)
+        y = self.inner(x[keep])
+        if not isinstance(y, torch.Tensor) or y.dim() != 2:
+            self.unsupported = True
+            return self.inner(x, *args, **kwargs)
+        out = y.new_zeros((*keep.shape, y.shape[-1]))
+        out[keep] = y
         return out
 
 
@@ -425,14 +481,13 @@ class FastEngine:
         share_prefixes: bool = True,
         reuse_states: bool = True,
         scored_logits_only: bool = True,
+        scored_last_feed_forward: bool = True,
     ) -> None:
-        """The three switches turn the engine's ideas off one by one (for measuring what each pays)."""
+        """The four switches turn the engine's ideas off one by one (for measuring what each pays)."""
         self.model = model
-        self.share_prefixes, self.reuse_states, self.scored_logits_only = (
-            share_prefixes,
-            reuse_states,
-            scored_logits_only,
-        )
+        self.share_prefixes, self.reuse_states = share_prefixes, reuse_states
+        self.scored_logits_only = scored_logits_only
+        self.scored_last_feed_forward = scored_last_feed_forward
         self.blocks = list(locate_layers(model).layers)
         config = text_config(model)
         self.windows = attention_windows(config, len(self.blocks))
@@ -452,6 +507,7 @@ class FastEngine:
     # -- one forward ---------------------------------------------------------------
     def _forward(self, batch: _Batch, run: _Run) -> list[tuple[int, Answer]]:
         run.masks = batch.masks
+        run.keep = batch.keep if self.scored_last_feed_forward else None
         kwargs = {
             "input_ids": batch.input_ids,
             "position_ids": batch.position_ids,
@@ -483,8 +539,10 @@ class FastEngine:
         picked = logprobs[rows, targets]  # (M,)
         n = len(batch.request_ids)
         sums = torch.zeros(n, dtype=picked.dtype, device=dev).index_add_(0, req, picked)
+        # HFLM: greedy when argmax == target. "No token scores higher" is the same test except
+        # when two tokens tie exactly at the maximum, and amax is ~15x cheaper than argmax on CPU.
         misses = torch.zeros(n, dtype=torch.long, device=dev).index_add_(
-            0, req, (logprobs.argmax(-1)[rows] != targets).long()
+            0, req, (picked < logprobs.amax(-1)[rows]).long()
         )
         sums, misses = sums.tolist(), misses.tolist()
         return [(rid, (float(sums[i]), misses[i] == 0)) for i, rid in enumerate(batch.request_ids)]
@@ -551,6 +609,7 @@ class FastEngine:
                 ]
                 states: list[dict[int, torch.Tensor]] = []
                 first: dict[int, Answer] | None = None
+                run.last = trunk[-1] if trunk else None
                 with _installed(self.model, trunk_modules, trunk):
                     for batch in chunk:
                         run.record = {}
@@ -572,6 +631,7 @@ class FastEngine:
                     kept = [j for j in trunk if j > start and j not in removed]
                     head = [_Start(run)] if start >= 0 else []
                     modules = head + [m for m in trunk_modules if m.index in kept]
+                    run.last = kept[-1] if kept else None
                     with _installed(self.model, modules, [start] * len(head) + kept):
                         for batch, state in zip(chunk, states, strict=True):
                             run.start = state.get(start)

@@ -20,13 +20,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny import byte_tokenizer, tiny_model
+from tiny import CONFIGS, byte_tokenizer, tiny_model
 
 from prune.errors import PruneError
 from prune.evaluate import EvalSettings, LmEvalRunner, evaluate_removals
 from prune.fasteval import (
     FastEngine,
     FastEvaluator,
+    Request,
     _without_env_info,
     attention_windows,
     close_calls,
@@ -234,7 +235,12 @@ def test_ablations_give_the_same_answers(task_dir):
     fast = FastEvaluator(model, tok, _settings(task_dir, "llama"))
     candidates = [(), (0,), (2,)]
     base = fast.answers(candidates)
-    for switch in ("share_prefixes", "reuse_states", "scored_logits_only"):
+    for switch in (
+        "share_prefixes",
+        "reuse_states",
+        "scored_logits_only",
+        "scored_last_feed_forward",
+    ):
         fast.engine = FastEngine(model, **{switch: False})
         other = fast.answers(candidates)
         for a, b in zip(base, other, strict=True):
@@ -259,6 +265,79 @@ def test_evaluate_removals_fast_engine_matches_lm_eval(task_dir):
                 s[name].value,
                 s[name].n,
             )
+
+
+def _random_requests(rng: random.Random, docs: int = 5) -> list[Request]:
+    """Multiple-choice-like token requests: per document one context and three continuations."""
+    requests = []
+    for doc in range(docs):
+        context = [rng.randrange(1, 256) for _ in range(rng.randrange(3, 12))]
+        for choice in range(3):
+            cont = [rng.randrange(1, 256) for _ in range(rng.randrange(1, 5))]
+            requests.append(
+                Request((str(doc), str(choice)), ("t", doc), (context + cont)[:-1], cont)
+            )
+    return requests
+
+
+def _plain_answers(model, requests: list[Request]) -> list[tuple[float, bool]]:
+    """(log-likelihood, is greedy) per request from one unpacked forward each, as HFLM computes them."""
+    out = []
+    with torch.inference_mode():
+        for req in requests:
+            logits = model(torch.tensor([req.inputs])).logits[0, -len(req.targets) :]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = torch.tensor(req.targets)
+            ll = float(logprobs.gather(-1, targets[:, None]).sum())
+            out.append((ll, bool((logprobs.argmax(-1) == targets).all())))
+    return out
+
+
+@pytest.mark.parametrize("model_type", sorted(CONFIGS))
+def test_every_architecture_matches_a_plain_forward(model_type):
+    """Token trees, state reuse, scored-only logits and last feed-forward on each tiny
+    architecture (GPT-2 passes the mask positionally, OPT has no `mlp` module)."""
+    model = tiny_model(model_type, 4, seed=0)
+    requests = _random_requests(random.Random(0))
+    candidates = [(), (0,), (2,), (3,), (1, 2)]
+    got = FastEngine(model).run(requests, candidates)
+    for cand, answers in zip(candidates, got, strict=True):
+        with layers_removed(model, cand):
+            want = _plain_answers(model, requests)
+        for req, mine, ref in zip(requests, answers, want, strict=True):
+            assert mine[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-4), (cand, req.key)
+            assert mine[1] == ref[1], (cand, req.key)
+
+
+def test_last_feed_forward_runs_at_scored_positions_only():
+    model = tiny_model("llama", 3, seed=0)
+    requests = _random_requests(random.Random(1), docs=3)
+    shapes: dict[int, list[tuple[int, ...]]] = {0: [], 2: []}
+    blocks = model.model.layers
+    hooks = [
+        blocks[i].mlp.register_forward_hook(
+            lambda mod, args, out, i=i: shapes[i].append(tuple(args[0].shape[:-1]))
+        )
+        for i in shapes
+    ]
+    engine = FastEngine(model)
+    engine.checked = True  # no self-check: its plain forwards would show up too
+    try:
+        engine.run(requests, [()])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scored = len(
+        {
+            (r.group, tuple(r.inputs[: len(r.inputs) - len(r.targets) + k]))
+            for r in requests
+            for k in range(1, len(r.targets) + 1)
+        }
+    )
+    assert shapes[0] and all(len(s) == 2 for s in shapes[0])  # (rows, width): every position
+    assert sum(rows * width for rows, width in shapes[0]) > scored
+    assert shapes[2] and all(len(s) == 1 for s in shapes[2])  # kept positions, flattened
+    assert sum(n for (n,) in shapes[2]) == scored
 
 
 def test_attention_windows_follow_the_config():

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_accuracy_drop.py [--model smollm2-135m] [--limit 25]
         [--tasks local_arc_easy,local_winogrande] [--out bench-out/accuracy_drop.json]
-        [--threads N] [--ablations]
+        [--threads N] [--ablations] [--device cuda --dtype float32]
 
 Both paths score the full model and the model minus each single block on the
 same fixed slice (the first `--limit` documents of each task):
@@ -148,6 +148,22 @@ def drops(scores: list[dict]) -> list[float]:
     return [sum(base[t].value - s[t].value for t in base) / len(base) for s in scores[1:]]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gpu_peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak(device: torch.device) -> int | None:
+    """Peak GPU memory allocated since `gpu_peak_reset` (None off the GPU)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def cosine_throughput(loaded, samples: int, seq_len: int) -> dict:
     from prune.calibration import load_calibration
     from prune.relevance import cosine_relevance
@@ -164,23 +180,27 @@ def cosine_throughput(loaded, samples: int, seq_len: int) -> dict:
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, item in enumerate(chunk):
             ids[row, : len(item)], mask[row, : len(item)] = torch.tensor(item), 1
-        batches.append((ids, mask))
+        batches.append((ids.to(model.device), mask.to(model.device)))
     tokens = sum(int(mask.sum()) for _, mask in batches)
     backbone_model = getattr(
         model, model.base_model_prefix
     )  # the blocks and final norm, no LM head
     with torch.inference_mode():
         model(*batches[0])  # warm-up
+        sync(model.device)
         start = time.perf_counter()
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
+        sync(model.device)
         plain = time.perf_counter() - start
         start = time.perf_counter()
         for ids, mask in batches:
             backbone_model(input_ids=ids, attention_mask=mask)
+        sync(model.device)
         backbone = time.perf_counter() - start
     start = time.perf_counter()
     cosine_relevance(model, tok, texts, seq_len=seq_len, batch_size=8)
+    sync(model.device)
     cosine = time.perf_counter() - start
     return {
         "texts": len(texts),
@@ -227,19 +247,23 @@ def main() -> None:
         "--ablations", action="store_true", help="also time the fast engine with each idea off"
     )
     parser.add_argument("--cosine-samples", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), ..."
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     rss = PeakRSS()
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
     num_layers = count_layers(model)
     settings = EvalSettings(tasks=tuple(args.tasks.split(",")), limit=args.limit)
     candidates = [()] + [(i,) for i in range(num_layers)]
     with torch.inference_mode():  # first-call warm-up, so neither path pays it
-        model(torch.ones((1, 8), dtype=torch.long))
+        model(torch.ones((1, 8), dtype=torch.long, device=model.device))
     from prune.tasks import task_manager
 
     task_manager(
@@ -255,19 +279,21 @@ def main() -> None:
     lm_raw: list = []
     lm_answers: list = []
     rss.reset()
+    gpu_peak_reset(model.device)
     start = time.perf_counter()
     with capture_results(lm_raw), capture_answers(lm_answers):
         lm_scores = evaluate_removals(
             loaded, settings, candidates, engine="lm-eval", cache=None, progress=True
         )
     lm_seconds = time.perf_counter() - start
-    lm_peak = rss.peak
+    lm_peak, lm_gpu_peak = rss.peak, gpu_peak(model.device)
     print(f"lm-eval path: {lm_seconds:.1f} s", file=sys.stderr)
 
     # ---- fast engine: everything from the in-memory model to lm-eval's scores
     fast_raw: list = []
     getattr(evaluate_mod, "_LAST_RUNNER", []).clear()  # the fast path builds its own lm-eval runner
     rss.reset()
+    gpu_peak_reset(model.device)
     start = time.perf_counter()
     with capture_results(fast_raw):
         evaluator = FastEvaluator(model, tok, settings, progress=True)
@@ -275,7 +301,7 @@ def main() -> None:
         fast_raw.clear()  # drop the recording run's dummy results
         fast_scores = [evaluator.scores(a) for a in fast_answers]
     fast_seconds = time.perf_counter() - start
-    fast_peak = rss.peak
+    fast_peak, fast_gpu_peak = rss.peak, gpu_peak(model.device)
     print(f"fast engine: {fast_seconds:.1f} s", file=sys.stderr)
 
     # ---- compare
@@ -322,11 +348,17 @@ def main() -> None:
             "platform": platform.platform(),
             "loadavg_start": load_start,
             "loadavg_end": os.getloadavg(),
+            "device": str(model.device),
+            "device_name": torch.cuda.get_device_name(model.device)
+            if model.device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "dtype": str(next(model.parameters()).dtype),
         },
         "lm_eval_seconds": lm_seconds,
         "fast_seconds": fast_seconds,
         "speedup": ratio,
         "peak_rss_bytes": {"lm_eval": lm_peak, "fast": fast_peak},
+        "peak_gpu_bytes": {"lm_eval": lm_gpu_peak, "fast": fast_gpu_peak},
         "max_score_difference": worst_score,
         "max_score_difference_at": worst_where,
         "max_loglikelihood_difference": worst_ll,
@@ -346,10 +378,16 @@ def main() -> None:
     gib = 1 << 30
     print(
         f"model {args.model} ({num_layers} layers), tasks {', '.join(settings.tasks)}, first {args.limit} docs each, "
-        f"{len(candidates)} candidates, {torch.get_num_threads()} torch threads"
+        f"{len(candidates)} candidates, {torch.get_num_threads()} torch threads, "
+        f"{record['machine']['dtype']} on {record['machine']['device_name']}"
     )
-    print(f"lm-eval path : {lm_seconds:8.1f} s   peak RSS {lm_peak / gib:.2f} GiB")
-    print(f"fast engine  : {fast_seconds:8.1f} s   peak RSS {fast_peak / gib:.2f} GiB")
+    on_gpu = lambda peak: "" if peak is None else f", GPU {peak / gib:.2f} GiB"  # noqa: E731
+    print(
+        f"lm-eval path : {lm_seconds:8.1f} s   peak RSS {lm_peak / gib:.2f} GiB{on_gpu(lm_gpu_peak)}"
+    )
+    print(
+        f"fast engine  : {fast_seconds:8.1f} s   peak RSS {fast_peak / gib:.2f} GiB{on_gpu(fast_gpu_peak)}"
+    )
     print(f"speedup      : {ratio:8.2f}x")
     print(f"largest task-score difference (acc, acc_norm, any candidate): {worst_score:.6f}")
     print(

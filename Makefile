@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench clean
+.PHONY: help install test test-fast lint demo bench bench-halving clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ demo: $(STAMP) ## the main job on the embedded default model (SmolLM2-135M), off
 
 bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARGS="--limit 25 --threads 1 --ablations")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_accuracy_drop.py $(BENCH_ARGS)
+
+bench-halving: $(STAMP) ## opt-in early stopping: successive halving vs the exact ranking (HALVING_ARGS="--limit 200 --keep 6")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_halving.py $(HALVING_ARGS)
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) out .pytest_cache

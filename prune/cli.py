@@ -394,6 +394,15 @@ def relevance_options(func):
             help="Accuracy engine: fast (same numbers, much cheaper), lm-eval (the reference path), auto = fast where it can.",
         ),
         click.option(
+            "--halving",
+            type=int,
+            default=None,
+            metavar="K",
+            help="Opt-in early stopping for accuracy: successive halving over the blocks on "
+            "limit/8, limit/4, ... documents; the K least relevant get exact scores, the rest "
+            "estimates (needs --limit).",
+        ),
+        click.option(
             "--no-cache",
             is_flag=True,
             help="Recompute every evaluation instead of reusing cached results.",
@@ -422,6 +431,7 @@ def _relevance_kwargs(kw: dict) -> dict:
         "block_size",
         "layers",
         "engine",
+        "halving",
         "dtype",
         "device",
     )

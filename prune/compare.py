@@ -23,7 +23,7 @@ from typing import Any
 
 from prune.errors import PruneError
 from prune.evaluate import EvalSettings, ResultCache
-from prune.relevance import MEASURES, Ranking, rank_layers
+from prune.relevance import MEASURES, Ranking, halving_rounds, rank_layers
 
 OVERLAP_FRACTIONS = (0.10, 0.25, 0.50)
 
@@ -110,6 +110,7 @@ def build_report(
                 "cosine_stderr": c.stderr if c else None,
                 "accuracy_drop": a.score if a else None,
                 "accuracy_drop_stderr": a.stderr if a else None,
+                "accuracy_documents": a.documents if a else None,
                 "perplexity_increase": _finite(p.score) if p else None,
                 "per_task_drop": a.per_task if a else None,
                 **{f"rank_{name}": ranks[name].get(i) for name in rankings},
@@ -168,6 +169,7 @@ def compare_measures(
     cache: ResultCache | None = None,
     progress: bool = True,
     layers: Sequence[int] | None = None,
+    halving: int | None = None,
 ) -> dict[str, Any]:
     """Run the chosen measures on one model and return the comparison report.
 
@@ -193,6 +195,7 @@ def compare_measures(
             engine=engine,
             cache=cache,
             progress=progress,
+            halving=halving,
         )
         timings[measure] = round(time.perf_counter() - start, 2)
     return build_report(model_name, rankings, timings)
@@ -218,8 +221,10 @@ def render_table(report: dict[str, Any]) -> str:
         if "cosine" in names:
             cells += [_fmt(row["cosine"]), str(row["rank_cosine"] or "-")]
         if "accuracy" in names:
+            early = row.get("accuracy_documents")
             cells += [
-                f"{_fmt(row['accuracy_drop'])} ± {_fmt(row['accuracy_drop_stderr'])}",
+                f"{_fmt(row['accuracy_drop'])} ± {_fmt(row['accuracy_drop_stderr'])}"
+                + ("" if early is None else f" (n={early})"),
                 str(row["rank_accuracy"] or "-"),
             ]
         if "perplexity" in names:
@@ -237,6 +242,13 @@ def render_table(report: dict[str, Any]) -> str:
     if report.get("baseline_perplexity") is not None:
         out.append(f"Baseline perplexity: {report['baseline_perplexity']:.3f}")
     out += ["", "Rank 1 = least relevant (removed first).", "", *lines, ""]
+    if any(row.get("accuracy_documents") is not None for row in report["layers"]):
+        out += [
+            "Successive halving: drops marked (n=N) are estimates from the first N documents per "
+            "task (those blocks looked more relevant and were dropped early); the others use every "
+            "document.",
+            "",
+        ]
     if report["pairs"]:
         out += [
             "| measures | spearman rho (p) | kendall tau (p) | pearson r (p) | overlap 10% | 25% | 50% |",
@@ -364,12 +376,20 @@ def measure_model(
     dtype: str = "auto",
     device: str = "auto",
     progress: bool = True,
+    halving: int | None = None,
 ) -> dict[str, Any]:
     """Validate the options (before any model is loaded), load MODEL and run `measures` on it.
 
     Returns the report dict that `rank` prints and `compare` writes.
     """
     from prune.models import load_model
+
+    if halving is not None:
+        if "accuracy" not in measures:
+            raise PruneError(
+                f"--halving applies to the accuracy measure only (this run measures: {', '.join(measures)})"
+            )
+        halving_rounds(limit, halving)  # a bad value or a missing --limit fails before loading
 
     settings, texts, cache = _prepare(
         model,
@@ -399,6 +419,7 @@ def measure_model(
         cache=cache,
         progress=progress,
         layers=_parse_layers(layers),
+        halving=halving,
     )
     report["source"] = loaded.source.to_dict()
     return report

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,6 +48,9 @@ class LayerScore:
     span: int = 1
     per_task: dict[str, float] = field(default_factory=dict)
     per_task_stderr: dict[str, float | None] = field(default_factory=dict)
+    # Documents per task behind the score when successive halving dropped this block
+    # early (an estimate); None = every document the settings name.
+    documents: int | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -66,8 +69,14 @@ class Ranking:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def order(self) -> list[int]:
-        """Block (span start) indices, least relevant first; ties keep the lower index first."""
-        return [s.index for s in sorted(self.scores, key=lambda s: (s.score, s.index))]
+        """Block (span start) indices, least relevant first; ties keep the lower index first.
+        After successive halving, blocks measured on every document come first, then those
+        dropped in later rounds before those dropped earlier (they looked more relevant)."""
+
+        def key(s: LayerScore) -> tuple:
+            return (-(math.inf if s.documents is None else s.documents), s.score, s.index)
+
+        return [s.index for s in sorted(self.scores, key=key)]
 
     def by_index(self) -> dict[int, LayerScore]:
         return {s.index: s for s in self.scores}
@@ -310,8 +319,16 @@ def accuracy_relevance(
     engine: str = "auto",
     cache: ResultCache | None = None,
     progress: bool = True,
+    halving: int | None = None,
 ) -> Ranking:
     """Rank blocks by the score lost when each is removed: baseline - score without it.
+
+    `halving` (opt-in early stopping) runs successive halving over the candidates:
+    every block on the first limit/8 or so documents, then the half that looks least
+    relevant on twice as many, and so on up to `settings.limit`, keeping at least
+    `halving` blocks to the end. Those get exact scores; blocks dropped earlier keep
+    the estimate of their last round (`LayerScore.documents`). Without it every
+    block is scored on every document.
 
     Per task and averaged over tasks. `stderr` of a drop combines the two runs'
     lm-eval standard errors as if independent (conservative: the runs share
@@ -321,35 +338,90 @@ def accuracy_relevance(
 
     num_layers = count_layers(loaded.model)
     spans = _spans(num_layers, block_size, layers)
-    results = evaluate_removals(
-        loaded, settings, [(), *spans], engine=engine, cache=cache, progress=progress
-    )
-    base, rest = results[0], results[1:]
-    scores = []
-    for span, result in zip(spans, rest, strict=False):
-        per_task, per_err = {}, {}
-        for task, b in base.items():
-            r = result[task]
-            per_task[task] = _drop(b, r)
-            per_err[task] = (
-                math.hypot(b.stderr, r.stderr)
-                if b.stderr is not None and r.stderr is not None
-                else None
-            )
-        mean = sum(per_task.values()) / len(per_task)
-        errs = list(per_err.values())
-        err = (
-            math.sqrt(sum(e * e for e in errs)) / len(errs)
-            if errs and all(e is not None for e in errs)
-            else None
+    rounds = halving_rounds(settings.limit, halving)
+    final: dict[tuple[int, ...], LayerScore] = {}
+    alive = list(spans)
+    for number, docs in enumerate(rounds, start=1):
+        last = number == len(rounds)
+        step = settings if last else replace(settings, limit=docs)
+        results = evaluate_removals(
+            loaded, step, [(), *alive], engine=engine, cache=cache, progress=progress
         )
-        scores.append(LayerScore(span[0], mean, err, block_size, per_task, per_err))
+        base = results[0]
+        scored = {
+            span: _accuracy_score(span, base, result, block_size, None if last else docs)
+            for span, result in zip(alive, results[1:], strict=True)
+        }
+        if last:
+            final.update(scored)
+            break
+        # Keep the half that looks least relevant (and at least `halving` blocks).
+        keep = max(halving or 0, math.ceil(len(alive) / 2))
+        ranked = sorted(alive, key=lambda span: (scored[span].score, span[0]))
+        alive = sorted(ranked[:keep])
+        final.update({span: scored[span] for span in ranked[keep:]})
+    scores = [final[span] for span in spans]
     meta = {k: v for k, v in settings.__dict__.items()} | {
         "engine": engine,
         "block_size": block_size,
     }
     meta["tasks"] = list(settings.tasks)
+    if halving is not None:
+        meta |= {"halving": halving, "rounds": rounds}
     return Ranking("accuracy", scores, num_layers, base, meta)
+
+
+# Documents per task in the first round of successive halving (fewer make drops too noisy).
+HALVING_MIN_DOCUMENTS = 16
+
+
+def halving_rounds(limit: int | None, halving: int | None) -> list[int]:
+    """Documents per task in each round: `limit` halved until one more halving would go below
+    HALVING_MIN_DOCUMENTS, smallest first (e.g. 200 -> [25, 50, 100, 200]); `[limit]` without
+    halving."""
+    if halving is None:
+        return [limit]  # type: ignore[list-item]
+    if isinstance(halving, bool) or not isinstance(halving, int) or halving < 1:
+        raise PruneError(
+            f"halving {halving!r} is invalid (accepted: the number of least relevant blocks to "
+            "measure on every document, an integer >= 1)"
+        )
+    if limit is None:
+        raise PruneError(
+            "successive halving needs a document limit (--limit N): the last round uses N "
+            "documents per task, earlier rounds N/2, N/4, ..."
+        )
+    rounds = [limit]
+    while rounds[0] // 2 >= HALVING_MIN_DOCUMENTS:
+        rounds.insert(0, math.ceil(rounds[0] / 2))
+    return rounds
+
+
+def _accuracy_score(
+    span: tuple[int, ...],
+    base: dict[str, TaskScore],
+    result: dict[str, TaskScore],
+    block_size: int,
+    documents: int | None,
+) -> LayerScore:
+    """The mean drop over tasks (with its stderr) of removing `span`."""
+    per_task, per_err = {}, {}
+    for task, b in base.items():
+        r = result[task]
+        per_task[task] = _drop(b, r)
+        per_err[task] = (
+            math.hypot(b.stderr, r.stderr)
+            if b.stderr is not None and r.stderr is not None
+            else None
+        )
+    mean = sum(per_task.values()) / len(per_task)
+    errs = list(per_err.values())
+    err = (
+        math.sqrt(sum(e * e for e in errs)) / len(errs)
+        if errs and all(e is not None for e in errs)
+        else None
+    )
+    return LayerScore(span[0], mean, err, block_size, per_task, per_err, documents)
 
 
 def perplexity_relevance(
@@ -421,10 +493,12 @@ def rank_layers(
     engine: str = "auto",
     cache: ResultCache | None = None,
     progress: bool = True,
+    halving: int | None = None,
 ) -> Ranking:
     """Rank the blocks of `loaded` by one measure, named as in MEASURES.
 
-    Cosine and perplexity read `texts` (calibration); accuracy evaluates `settings`.
+    Cosine and perplexity read `texts` (calibration); accuracy evaluates `settings`
+    (with successive halving when `halving` is set, see `accuracy_relevance`).
     `layers` limits the per-layer evaluations of accuracy and perplexity.
     """
     if measure == "cosine":
@@ -446,6 +520,7 @@ def rank_layers(
             engine=engine,
             cache=cache,
             progress=progress,
+            halving=halving,
         )
     if measure == "perplexity":
         return perplexity_relevance(

@@ -226,3 +226,20 @@ def test_quiet_in_a_real_process(tiny_dir, tmp_path):
     assert again.stderr.strip().splitlines() == [
         f"Error: output folder '{out}' exists and is not empty (pass --overwrite to replace it)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--metric", "accuracy", "--halving", "2"], "successive halving needs a document limit"),
+        (["--metric", "accuracy", "--halving", "0", "--limit", "64"], "halving 0 is invalid"),
+        (
+            ["--metric", "cosine", "--halving", "2", "--limit", "64"],
+            "--halving applies to the accuracy",
+        ),
+    ],
+)
+def test_bad_halving_fails_before_loading(tmp_path, args, expected):
+    missing = tmp_path / "no-such-model"  # never loaded: the options fail first
+    result = CliRunner().invoke(cli, ["rank", str(missing), "--tasks", "local_copa", *args])
+    _assert_one_error(result, expected)

@@ -11,9 +11,15 @@ from test_tasks import _loglik
 from tiny import byte_tokenizer, tiny_model
 
 import prune.evaluate as evaluate_mod
+from prune.errors import PruneError
 from prune.evaluate import EvalSettings, ResultCache, TaskScore, evaluate_removals, perplexity
 from prune.models import LoadedModel
-from prune.relevance import accuracy_relevance, cosine_relevance, perplexity_relevance
+from prune.relevance import (
+    accuracy_relevance,
+    cosine_relevance,
+    halving_rounds,
+    perplexity_relevance,
+)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -218,6 +224,75 @@ def test_cache_resumes_after_interruption_and_survives_corruption(tmp_path, fake
     fake_engine.calls.clear()
     evaluate_removals(loaded, EvalSettings(tasks=("a",), limit=6), [()], **run)
     assert fake_engine.seen == [()]
+
+
+# True drop of removing each of 8 blocks; block 2 looks worse on few documents (noise / n).
+TRUE_DROP = [0.5, 0.4, 0.05, 0.35, 0.01, 0.2, 0.1, 0.6]
+NOISE = [0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+class HalvingEngine(FakeEngine):
+    """Scores depend on the document limit, so rounds of successive halving see different drops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.limits: list[int] = []
+
+    def __call__(self, model, tokenizer, settings, candidates):
+        self.calls.append([tuple(c) for c in candidates])
+        self.limits.append(settings.limit)
+        n = settings.limit
+        return [
+            {
+                t: TaskScore(
+                    t, "acc", 1.0 - (TRUE_DROP[c[0]] + NOISE[c[0]] / n if c else 0), 0.01, n
+                )
+                for t in settings.tasks
+            }
+            for c in candidates
+        ]
+
+
+def test_successive_halving_keeps_the_least_relevant_to_the_end(monkeypatch):
+    engine = HalvingEngine()
+    monkeypatch.setattr(evaluate_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(evaluate_mod, "_task_names", lambda s: list(s.tasks))
+    loaded = _loaded(tiny_model("llama", 8))
+    settings = EvalSettings(tasks=("a",), limit=64)
+    ranking = accuracy_relevance(loaded, settings, engine="fast", progress=False, halving=2)
+    assert engine.limits == [16, 32, 64]
+    assert engine.calls == [
+        [(), *[(i,) for i in range(8)]],
+        [(), (2,), (4,), (5,), (6,)],  # round 1 keeps the 4 smallest drops (block 2: 0.30)
+        [(), (4,), (6,)],  # round 2 keeps 2 (= halving); block 2 now 0.175 > block 6's 0.1
+    ]
+    got = ranking.by_index()
+    assert [got[i].documents for i in range(8)] == [16, 16, 32, 16, None, 32, None, 16]
+    assert got[4].score == pytest.approx(0.01) and got[6].score == pytest.approx(0.1)
+    assert got[2].score == pytest.approx(0.05 + 4.0 / 32)  # its estimate from round 2
+    assert ranking.order() == [4, 6, 2, 5, 3, 1, 0, 7]
+    assert ranking.settings["rounds"] == [16, 32, 64] and ranking.settings["halving"] == 2
+    # The survivors' scores are exactly those of the full run, which scores everyone once.
+    engine.calls.clear()
+    engine.limits.clear()
+    full = accuracy_relevance(loaded, settings, engine="fast", progress=False)
+    assert engine.limits == [64]
+    assert all(s.documents is None for s in full.scores)
+    assert full.order()[:2] == ranking.order()[:2]
+    for i in (4, 6):
+        assert full.by_index()[i].score == got[i].score
+
+
+def test_halving_rounds():
+    assert halving_rounds(200, 3) == [25, 50, 100, 200]
+    assert halving_rounds(33, 1) == [17, 33]
+    assert halving_rounds(31, 1) == [31]  # too few documents to halve: one exact round
+    assert halving_rounds(None, None) == [None] and halving_rounds(50, None) == [50]
+    with pytest.raises(PruneError, match="needs a document limit"):
+        halving_rounds(None, 2)
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(PruneError, match="is invalid"):
+            halving_rounds(100, bad)
 
 
 def test_lm_eval_cached_and_uncached_agree(tmp_path, data_dir):

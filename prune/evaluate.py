@@ -497,7 +497,9 @@ def evaluate_removals(
             disable=not progress or len(chunks) < 2,
         ):
             for removed, fresh in zip(
-                chunk, evaluate_candidates(model, tokenizer, settings, chunk), strict=True
+                chunk,
+                evaluate_candidates(model, tokenizer, settings, chunk, progress=progress),
+                strict=True,
             ):
                 fresh = {n: s for n, s in fresh.items() if n not in found[removed]}
                 store(removed, fresh)

@@ -743,11 +743,15 @@ class FastEvaluator:
 
 
 def evaluate_candidates(
-    model: Any, tokenizer: Any, settings: Any, candidates: list[tuple[int, ...]]
+    model: Any,
+    tokenizer: Any,
+    settings: Any,
+    candidates: list[tuple[int, ...]],
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Score the model with each candidate set of blocks removed (`()` = full model), like the
     lm-eval path does, in one shared computation. Returns one task -> TaskScore dict per candidate."""
-    evaluator = FastEvaluator(model, tokenizer, settings, progress=len(candidates) > 1)
+    evaluator = FastEvaluator(model, tokenizer, settings, progress=progress and len(candidates) > 1)
     return [evaluator.scores(a) for a in evaluator.answers(candidates)]
 
 

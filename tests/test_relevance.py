@@ -176,7 +176,7 @@ class FakeEngine:
     def seen(self) -> list[tuple[int, ...]]:
         return [c for call in self.calls for c in call]
 
-    def __call__(self, model, tokenizer, settings, candidates):
+    def __call__(self, model, tokenizer, settings, candidates, progress=True):
         if self.fail_after is not None and len(self.seen) >= self.fail_after:
             raise KeyboardInterrupt
         self.calls.append([tuple(c) for c in candidates])
@@ -238,7 +238,7 @@ class HalvingEngine(FakeEngine):
         super().__init__()
         self.limits: list[int] = []
 
-    def __call__(self, model, tokenizer, settings, candidates):
+    def __call__(self, model, tokenizer, settings, candidates, progress=True):
         self.calls.append([tuple(c) for c in candidates])
         self.limits.append(settings.limit)
         n = settings.limit

@@ -231,6 +231,7 @@ def ablations(model, evaluator: FastEvaluator, candidates: list[tuple[int, ...]]
     for name, switch in [
         ("all ideas", {}),
         ("no token trees", {"share_prefixes": False}),
+        ("trees per document", {"share_across_documents": False}),
         ("no prefix reuse", {"reuse_states": False}),
         ("logits everywhere", {"scored_logits_only": False}),
         ("last MLP everywhere", {"scored_last_feed_forward": False}),

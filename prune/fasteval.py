@@ -13,7 +13,9 @@ model) at once, reproducing the lm-eval path's numbers:
   each choice; WinoGrande's two contexts before a shared continuation) are merged
   into a prefix tree and run as one packed sequence with a tree attention mask
   (each token sees its ancestors only, positions are tree depths), so a shared
-  prefix is computed once. Trees are packed into rows, rows into batches.
+  prefix is computed once. Documents that open alike (WinoGrande's twin
+  sentences, a prompt's fixed "Question:") share one tree while it fits a row.
+  Trees are packed into rows, rows into batches.
 - **Prefix reuse across candidates.** Removing block `i` leaves the state
   entering block `i` unchanged. One pass of the "trunk" (the model minus the
   blocks every candidate removes) saves the state entering each block where some
@@ -66,7 +68,7 @@ Answer = tuple[float, bool]  # (log-likelihood, is greedy), as lm-eval's loglike
 # Saved block inputs kept at once (bytes); PRUNE_FAST_STATE_BUDGET overrides.
 DEFAULT_STATE_BUDGET = 1 << 30
 # Packed tokens per row and padded tokens per batch (rows x row length).
-DEFAULT_ROW_TOKENS = 128
+DEFAULT_ROW_TOKENS = 192
 DEFAULT_BATCH_TOKENS = 1024
 
 
@@ -177,6 +179,18 @@ class _Tree:
             path.append(node)
             parent = node
         self.scored.append((request_id, path[len(path) - len(req.targets) :], req.targets))
+
+    def growth(self, requests: Sequence[Request]) -> int:
+        """How many tokens adding `requests` would add (their prefixes already here cost nothing)."""
+        new: dict[tuple[Any, int], Any] = {}
+        for req in requests:
+            parent: Any = -1
+            for token in req.inputs:
+                node = self._children.get((parent, token))
+                if node is None:
+                    node = new.setdefault((parent, token), ("new", len(new)))
+                parent = node
+        return len(new)
 
 
 @dataclass
@@ -292,13 +306,32 @@ def plan_batches(
     *,
     row_tokens: int = DEFAULT_ROW_TOKENS,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    across_documents: bool = True,
 ) -> list[list[list[_Tree]]]:
-    """Merge each document's requests into a tree, pack trees into rows and rows into batches
-    (longest first). Masks are built later, per chunk (`_make_batch`), to bound memory."""
-    trees: dict[tuple, _Tree] = {}
+    """Merge requests into token trees, pack trees into rows and rows into batches (longest
+    first). Masks are built later, per chunk (`_make_batch`), to bound memory.
+
+    A tree holds one document's requests, or with `across_documents` several documents that
+    share a prefix (WinoGrande's twin sentences, a prompt's fixed opening): documents are
+    sorted by their tokens and merged in that order while the tree stays within `row_tokens`.
+    """
+    docs: dict[tuple, list[tuple[int, Request]]] = {}
     for req_id, req in enumerate(requests):
-        trees.setdefault(req.group, _Tree()).add(req_id, req)
-    rows = _pack_rows(list(trees.values()), row_tokens)
+        docs.setdefault(req.group, []).append((req_id, req))
+    trees: list[_Tree] = []
+    order = (
+        sorted(docs.values(), key=lambda reqs: reqs[0][1].inputs)
+        if across_documents
+        else list(docs.values())
+    )
+    for reqs in order:
+        tree = trees[-1] if trees and across_documents else None
+        if tree is None or len(tree.tokens) + tree.growth([r for _, r in reqs]) > row_tokens:
+            tree = _Tree()
+            trees.append(tree)
+        for req_id, req in reqs:
+            tree.add(req_id, req)
+    rows = _pack_rows(trees, row_tokens)
     rows.sort(key=lambda row: -_row_width(row))
     plans, current, current_width = [], [], 0
     for row in rows:
@@ -479,6 +512,7 @@ class FastEngine:
         state_budget: int | None = None,
         progress: bool = False,
         share_prefixes: bool = True,
+        share_across_documents: bool = True,
         reuse_states: bool = True,
         scored_logits_only: bool = True,
         scored_last_feed_forward: bool = True,
@@ -486,6 +520,7 @@ class FastEngine:
         """The four switches turn the engine's ideas off one by one (for measuring what each pays)."""
         self.model = model
         self.share_prefixes, self.reuse_states = share_prefixes, reuse_states
+        self.share_across_documents = share_prefixes and share_across_documents
         self.scored_logits_only = scored_logits_only
         self.scored_last_feed_forward = scored_last_feed_forward
         self.blocks = list(locate_layers(model).layers)
@@ -585,7 +620,12 @@ class FastEngine:
         saved = sorted(set(starts.values())) if self.reuse_states else []
         if not self.share_prefixes:  # every request its own tree
             requests = [replace(r, group=(*r.group, i)) for i, r in enumerate(requests)]  # type: ignore[arg-type]
-        plans = plan_batches(requests, row_tokens=self.row_tokens, batch_tokens=self.batch_tokens)
+        plans = plan_batches(
+            requests,
+            row_tokens=self.row_tokens,
+            batch_tokens=self.batch_tokens,
+            across_documents=self.share_across_documents,
+        )
         answers: dict[tuple[int, ...], list[Answer | None]] = {
             c: [None] * len(requests) for c in unique
         }

@@ -31,6 +31,7 @@ from prune.fasteval import (
     _without_env_info,
     attention_windows,
     close_calls,
+    plan_batches,
 )
 from prune.surgery import layers_removed
 
@@ -237,6 +238,7 @@ def test_ablations_give_the_same_answers(task_dir):
     base = fast.answers(candidates)
     for switch in (
         "share_prefixes",
+        "share_across_documents",
         "reuse_states",
         "scored_logits_only",
         "scored_last_feed_forward",
@@ -302,6 +304,34 @@ def test_every_architecture_matches_a_plain_forward(model_type):
     candidates = [(), (0,), (2,), (3,), (1, 2)]
     got = FastEngine(model).run(requests, candidates)
     for cand, answers in zip(candidates, got, strict=True):
+        with layers_removed(model, cand):
+            want = _plain_answers(model, requests)
+        for req, mine, ref in zip(requests, answers, want, strict=True):
+            assert mine[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-4), (cand, req.key)
+            assert mine[1] == ref[1], (cand, req.key)
+
+
+def test_documents_sharing_a_prefix_share_a_tree():
+    """Twin documents (WinoGrande style: same opening, different ending) merge into one tree
+    when they fit in a row, and still get exactly their own answers."""
+    model = tiny_model("gemma3_text", 4, seed=2)  # sliding windows count depth, not row position
+    rng = random.Random(5)
+    requests, opening = [], []
+    for doc in range(6):
+        if doc % 2 == 0:  # a new pair of twins
+            opening = [rng.randrange(1, 256) for _ in range(10)]
+        ending = [rng.randrange(1, 256) for _ in range(3)]
+        for choice in range(2):
+            cont = [rng.randrange(1, 256) for _ in range(2)]
+            requests.append(
+                Request((str(doc), str(choice)), ("t", doc), opening + ending + cont[:-1], cont)
+            )
+    merged = plan_batches(requests, row_tokens=64)
+    separate = plan_batches(requests, row_tokens=64, across_documents=False)
+    tokens = lambda plans: sum(len(t.tokens) for p in plans for row in p for t in row)  # noqa: E731
+    assert tokens(merged) == tokens(separate) - 3 * 10  # each twin pair shares its opening once
+    got = FastEngine(model, row_tokens=64).run(requests, [(), (1,), (3,)])
+    for cand, answers in zip([(), (1,), (3,)], got, strict=True):
         with layers_removed(model, cand):
             want = _plain_answers(model, requests)
         for req, mine, ref in zip(requests, answers, want, strict=True):

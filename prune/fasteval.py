@@ -385,9 +385,8 @@ class _Run:
         self.record: dict[int, torch.Tensor] | None = None
         self.tuple_output = False
         self.keep: torch.Tensor | None = None  # (B, T) positions whose logits are needed
-        self.last: int | None = (
-            None  # the last installed block: its feed-forward runs at `keep` only
-        )
+        # The last installed block: its feed-forward runs at `keep` only.
+        self.last: int | None = None
 
 
 class _Block(nn.Module):

@@ -295,6 +295,17 @@ def _plain_answers(model, requests: list[Request]) -> list[tuple[float, bool]]:
     return out
 
 
+def _assert_matches_plain_forward(model, requests, candidates, engine: FastEngine) -> None:
+    """The engine's answers under each candidate equal one unpacked forward per request."""
+    got = engine.run(requests, candidates)
+    for cand, answers in zip(candidates, got, strict=True):
+        with layers_removed(model, cand):
+            want = _plain_answers(model, requests)
+        for req, mine, ref in zip(requests, answers, want, strict=True):
+            assert mine[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-4), (cand, req.key)
+            assert mine[1] == ref[1], (cand, req.key)
+
+
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
 def test_every_architecture_matches_a_plain_forward(model_type):
     """Token trees, state reuse, scored-only logits and last feed-forward on each tiny
@@ -302,13 +313,7 @@ def test_every_architecture_matches_a_plain_forward(model_type):
     model = tiny_model(model_type, 4, seed=0)
     requests = _random_requests(random.Random(0))
     candidates = [(), (0,), (2,), (3,), (1, 2)]
-    got = FastEngine(model).run(requests, candidates)
-    for cand, answers in zip(candidates, got, strict=True):
-        with layers_removed(model, cand):
-            want = _plain_answers(model, requests)
-        for req, mine, ref in zip(requests, answers, want, strict=True):
-            assert mine[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-4), (cand, req.key)
-            assert mine[1] == ref[1], (cand, req.key)
+    _assert_matches_plain_forward(model, requests, candidates, FastEngine(model))
 
 
 def test_documents_sharing_a_prefix_share_a_tree():
@@ -330,13 +335,9 @@ def test_documents_sharing_a_prefix_share_a_tree():
     separate = plan_batches(requests, row_tokens=64, across_documents=False)
     tokens = lambda plans: sum(len(t.tokens) for p in plans for row in p for t in row)  # noqa: E731
     assert tokens(merged) == tokens(separate) - 3 * 10  # each twin pair shares its opening once
-    got = FastEngine(model, row_tokens=64).run(requests, [(), (1,), (3,)])
-    for cand, answers in zip([(), (1,), (3,)], got, strict=True):
-        with layers_removed(model, cand):
-            want = _plain_answers(model, requests)
-        for req, mine, ref in zip(requests, answers, want, strict=True):
-            assert mine[0] == pytest.approx(ref[0], rel=1e-5, abs=1e-4), (cand, req.key)
-            assert mine[1] == ref[1], (cand, req.key)
+    _assert_matches_plain_forward(
+        model, requests, [(), (1,), (3,)], FastEngine(model, row_tokens=64)
+    )
 
 
 def test_last_feed_forward_runs_at_scored_positions_only():

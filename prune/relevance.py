@@ -246,7 +246,7 @@ def cached_cosine_relevance(
     import hashlib
     import json
 
-    if cache is None:
+    def compute() -> Ranking:
         return cosine_relevance(
             loaded.model,
             loaded.tokenizer,
@@ -256,6 +256,9 @@ def cached_cosine_relevance(
             block_size=block_size,
             progress=progress,
         )
+
+    if cache is None:
+        return compute()
     payload = {
         "model": model_fingerprint(loaded),
         "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
@@ -271,15 +274,7 @@ def cached_cosine_relevance(
             return Ranking(data["measure"], scores, data["num_layers"], None, data["settings"])
         except (KeyError, TypeError):
             pass  # an old or corrupt entry: recompute
-    ranking = cosine_relevance(
-        loaded.model,
-        loaded.tokenizer,
-        texts,
-        seq_len=seq_len,
-        batch_size=batch_size,
-        block_size=block_size,
-        progress=progress,
-    )
+    ranking = compute()
     cache.put_json(key, ranking.to_dict())
     return ranking
 

@@ -124,6 +124,23 @@ def load_calibration(
     return texts[:samples]
 
 
+def encode_texts(
+    tokenizer: Any,
+    texts: Sequence[str],
+    seq_len: int,
+    *,
+    min_tokens: int = 1,
+    empty_error: str = "calibration texts produced no tokens",
+) -> list[list[int]]:
+    """Token ids of each text (with the tokenizer's special tokens), truncated to `seq_len`;
+    texts shorter than `min_tokens` are skipped; PruneError(`empty_error`) if none is left."""
+    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
+    encoded = [ids for ids in encoded if len(ids) >= min_tokens]
+    if not encoded:
+        raise PruneError(empty_error)
+    return encoded
+
+
 def padded_batches(
     tokenizer: Any,
     texts: Sequence[str],
@@ -142,10 +159,9 @@ def padded_batches(
     import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [tokenizer(t, truncation=True, max_length=seq_len)["input_ids"] for t in texts]
-    encoded = [ids for ids in encoded if len(ids) >= min_tokens]
-    if not encoded:
-        raise PruneError(empty_error)
+    encoded = encode_texts(
+        tokenizer, texts, seq_len, min_tokens=min_tokens, empty_error=empty_error
+    )
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids in chunk)

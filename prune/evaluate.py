@@ -252,15 +252,15 @@ def evaluate(
     model: Any, tokenizer: Any, settings: EvalSettings, *, engine: str = "auto"
 ) -> dict[str, TaskScore]:
     """Score the model as it is now on the settings' tasks; returns task -> TaskScore."""
-    _check_engine(engine)
+    check_engine(engine)
     if engine == "auto":
-        return _with_fallback(lambda e: evaluate(model, tokenizer, settings, engine=e))
+        return with_fallback(lambda e: evaluate(model, tokenizer, settings, engine=e))
     if engine == "lm-eval":
         return lm_eval_runner(model, tokenizer, settings).run()
     return _fast_engine()(model, tokenizer, settings, [()])[0]
 
 
-def _with_fallback(call: Callable[[str], Any]) -> Any:
+def with_fallback(call: Callable[[str], Any]) -> Any:
     """Run `call` with the fast engine; where it cannot handle the task or model, with lm-eval."""
     from prune.fasteval import FastEngineUnsupported
 
@@ -271,7 +271,7 @@ def _with_fallback(call: Callable[[str], Any]) -> Any:
         return call("lm-eval")
 
 
-def _check_engine(engine: str) -> None:
+def check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise PruneError(f"unknown engine '{engine}' (accepted: {', '.join(ENGINES)})")
 
@@ -434,9 +434,9 @@ def evaluate_removals(
 
     from prune.surgery import count_layers, layers_removed, normalize_indices
 
-    _check_engine(engine)
+    check_engine(engine)
     if engine == "auto":
-        return _with_fallback(
+        return with_fallback(
             lambda e: evaluate_removals(
                 loaded,
                 settings,

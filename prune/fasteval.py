@@ -794,6 +794,41 @@ def evaluate_candidates(
     return [evaluator.scores(a) for a in evaluator.answers(candidates)]
 
 
+def perplexities(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    candidates: Sequence[Sequence[int]],
+    *,
+    seq_len: int = 256,
+    progress: bool = False,
+) -> list[float]:
+    """Token-level perplexity of `texts` under each candidate, as `prune.evaluate.perplexity`
+    computes it on the model with those blocks removed (same truncation, every token scored),
+    sharing the blocks before each candidate's first removed one."""
+    import math
+
+    from prune.calibration import encode_texts
+
+    encoded = encode_texts(
+        tokenizer,
+        texts,
+        seq_len,
+        min_tokens=2,
+        empty_error="perplexity: every text is shorter than two tokens",
+    )
+    requests = [
+        Request((str(i), ""), ("perplexity", i), ids[:-1], ids[1:]) for i, ids in enumerate(encoded)
+    ]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    engine = FastEngine(model, pad_id=pad if isinstance(pad, int) else 0, progress=progress)
+    tokens = sum(len(r.targets) for r in requests)
+    return [
+        math.exp(-sum(ll for ll, _ in answers) / tokens)
+        for answers in engine.run(requests, candidates)
+    ]
+
+
 def close_calls(
     answers: dict[Key, Answer], instances: Sequence[Any], tolerance: float = 1e-3
 ) -> int:

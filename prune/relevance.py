@@ -30,9 +30,11 @@ from prune.evaluate import (
     EvalSettings,
     ResultCache,
     TaskScore,
+    check_engine,
     evaluate_removals,
     model_fingerprint,
     perplexity,
+    with_fallback,
 )
 
 MEASURES = ("cosine", "accuracy", "perplexity")
@@ -429,8 +431,12 @@ def perplexity_relevance(
     block_size: int = 1,
     cache: ResultCache | None = None,
     progress: bool = True,
+    engine: str = "auto",
 ) -> Ranking:
-    """Rank blocks by the perplexity increase on `texts` when each is removed (SLEB style)."""
+    """Rank blocks by the perplexity increase on `texts` when each is removed (SLEB style).
+
+    The fast engine (`engine` "auto" or "fast") scores every candidate in one shared run
+    (prefix reuse); "lm-eval" runs the plain forward pass per candidate, the reference."""
     import hashlib
 
     from tqdm.auto import tqdm
@@ -443,24 +449,47 @@ def perplexity_relevance(
     text_id = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
     pseudo = EvalSettings(tasks=(f"perplexity:{text_id}:{seq_len}",), seed=0)
     fingerprint = model_fingerprint(loaded) if cache is not None else ""
-    values: list[float] = []
-    for removed in tqdm(
-        [(), *spans], desc="perplexity relevance", unit="model", disable=not progress
-    ):
-        key = (
-            ResultCache.key(fingerprint, removed, pseudo.tasks[0], pseudo, "perplexity")
-            if cache
-            else ""
-        )
-        value = cache.get_value(key) if cache else None
-        if value is None:
+    candidates = [(), *spans]
+
+    def plain(missing: list[tuple[int, ...]]) -> list[float]:
+        out = []
+        for removed in tqdm(
+            missing, desc="perplexity relevance", unit="model", disable=not progress
+        ):
             with layers_removed(model, removed):
-                value = perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
-            if cache:
-                cache.put(
-                    key, TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False)
+                out.append(
+                    perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
                 )
-        values.append(value)
+        return out
+
+    def fast(missing: list[tuple[int, ...]]) -> list[float]:
+        from prune.fasteval import perplexities
+
+        return perplexities(model, tokenizer, texts, missing, seq_len=seq_len, progress=progress)
+
+    def measure(chosen: str) -> list[float]:
+        """Cached values first; the missing candidates computed in one go by the chosen path."""
+        kind = "perplexity" if chosen == "lm-eval" else "perplexity-fast"  # separate cache entries
+        keys = {
+            c: ResultCache.key(fingerprint, c, pseudo.tasks[0], pseudo, kind) if cache else ""
+            for c in candidates
+        }
+        values = {c: cache.get_value(keys[c]) for c in candidates} if cache else {}
+        missing = [c for c in candidates if values.get(c) is None]
+        if missing:
+            for removed, value in zip(
+                missing, (plain if chosen == "lm-eval" else fast)(missing), strict=True
+            ):
+                values[removed] = value
+                if cache:
+                    cache.put(
+                        keys[removed],
+                        TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False),
+                    )
+        return [values[c] for c in candidates]
+
+    check_engine(engine)
+    values = with_fallback(measure) if engine == "auto" else measure(engine)
     base = values[0]
     scores = [
         LayerScore(span[0], v - base if math.isfinite(v) else float("inf"), None, block_size)
@@ -471,6 +500,7 @@ def perplexity_relevance(
         "seq_len": seq_len,
         "batch_size": batch_size,
         "block_size": block_size,
+        "engine": engine,
     }
     return Ranking("perplexity", scores, num_layers, base, settings)
 
@@ -527,5 +557,6 @@ def rank_layers(
             block_size=block_size,
             cache=cache,
             progress=progress,
+            engine=engine,
         )
     raise PruneError(f"unknown measure '{measure}' (accepted: {', '.join(MEASURES)})")

@@ -332,6 +332,34 @@ def test_perplexity_matches_model_loss_and_relevance(tmp_path):
     assert ranking.baseline > 1
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text", "gpt2"])
+def test_fast_perplexity_equals_the_plain_forward(tmp_path, model_type):
+    """The fast engine's perplexity of every candidate matches `perplexity` with the blocks
+    really removed; the cache keeps the two paths' entries apart and serves a repeat."""
+    import prune.fasteval as fasteval_mod
+
+    model, tok = tiny_model(model_type, 4, seed=7), byte_tokenizer()
+    loaded, cache = _loaded(model), ResultCache(tmp_path)
+    fast = perplexity_relevance(
+        loaded, TEXTS, seq_len=48, cache=cache, progress=False, engine="fast"
+    )
+    plain = perplexity_relevance(
+        loaded, TEXTS, seq_len=48, cache=cache, progress=False, engine="lm-eval"
+    )
+    assert fast.baseline == pytest.approx(plain.baseline, rel=1e-5)
+    assert fast.baseline == pytest.approx(perplexity(model, tok, TEXTS, seq_len=48), rel=1e-5)
+    for f, p in zip(fast.scores, plain.scores, strict=True):  # perplexities of ~250: compare them
+        assert f.score + fast.baseline == pytest.approx(p.score + plain.baseline, rel=1e-5)
+    calls = []
+    original = fasteval_mod.perplexities
+    fasteval_mod.perplexities = lambda *a, **k: calls.append(a) or original(*a, **k)
+    try:
+        again = perplexity_relevance(loaded, TEXTS, seq_len=48, cache=cache, progress=False)
+    finally:
+        fasteval_mod.perplexities = original
+    assert calls == [] and [s.score for s in again.scores] == [s.score for s in fast.scores]
+
+
 def test_cosine_ranking_is_cached(tmp_path, monkeypatch):
     import prune.relevance as relevance_mod
 

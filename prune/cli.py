@@ -391,7 +391,8 @@ def relevance_options(func):
             type=click.Choice(["auto", "fast", "lm-eval"]),
             default="auto",
             show_default=True,
-            help="Accuracy engine: fast (same numbers, much cheaper), lm-eval (the reference path), auto = fast where it can.",
+            help="Engine for accuracy and perplexity: fast (same numbers, much cheaper), lm-eval "
+            "(the reference path, one evaluation per layer), auto = fast where it can.",
         ),
         click.option(
             "--halving",

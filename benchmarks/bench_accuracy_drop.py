@@ -2,7 +2,7 @@
 
     python benchmarks/bench_accuracy_drop.py [--model smollm2-135m] [--limit 25]
         [--tasks local_arc_easy,local_winogrande] [--out bench-out/accuracy_drop.json]
-        [--threads N] [--ablations] [--device cuda --dtype float32]
+        [--threads N] [--ablations] [--perplexity] [--device cuda --dtype float32]
 
 Both paths score the full model and the model minus each single block on the
 same fixed slice (the first `--limit` documents of each task):
@@ -225,6 +225,29 @@ def cosine_throughput(loaded, samples: int, seq_len: int) -> dict:
     }
 
 
+def perplexity_paths(loaded, samples: int, seq_len: int) -> dict:
+    """The perplexity measure of every layer, per-candidate forward passes vs the fast engine."""
+    from prune.calibration import load_calibration
+    from prune.relevance import perplexity_relevance
+
+    texts = load_calibration(None, samples=samples)
+    out, rankings = {"texts": len(texts), "seq_len": seq_len}, {}
+    for engine in ("lm-eval", "fast"):
+        start = time.perf_counter()
+        rankings[engine] = perplexity_relevance(
+            loaded, texts, seq_len=seq_len, progress=False, engine=engine
+        )
+        out[f"{engine}_seconds"] = time.perf_counter() - start
+    plain, fast = rankings["lm-eval"], rankings["fast"]
+    out["speedup"] = out["lm-eval_seconds"] / out["fast_seconds"]
+    out["max_relative_difference"] = max(
+        abs((a.score + plain.baseline) - (b.score + fast.baseline)) / (a.score + plain.baseline)
+        for a, b in zip(plain.scores, fast.scores, strict=True)
+    )
+    out["ranking_identical"] = plain.order() == fast.order()
+    return out
+
+
 def ablations(model, evaluator: FastEvaluator, candidates: list[tuple[int, ...]]) -> dict:
     timings = {}
     saved = evaluator.engine
@@ -258,6 +281,11 @@ def main() -> None:
         "--ablations", action="store_true", help="also time the fast engine with each idea off"
     )
     parser.add_argument("--cosine-samples", type=int, default=32)
+    parser.add_argument(
+        "--perplexity",
+        action="store_true",
+        help="also time the perplexity measure both ways (16 texts of 128 tokens)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     parser.add_argument(
         "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), ..."
@@ -342,6 +370,7 @@ def main() -> None:
     trimmed = lm_seconds - env_seconds * len(candidates)
 
     cosine = cosine_throughput(loaded, args.cosine_samples, 128)
+    ppl = perplexity_paths(loaded, 16, 128) if args.perplexity else None
     ablation = (
         ablations(model, evaluator, [()] + [(i,) for i in range(0, num_layers, 5)])
         if args.ablations
@@ -386,6 +415,7 @@ def main() -> None:
         "per_candidate": per_layer,
         "cosine_throughput": cosine,
         "ablations_seconds": ablation,
+        "perplexity_measure": ppl,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -421,6 +451,13 @@ def main() -> None:
         f"{cosine['forward_tokens_per_s']:.0f} tokens/s; forward without LM head: "
         f"{cosine['backbone_tokens_per_s']:.0f} tokens/s ({cosine['tokens']} tokens)"
     )
+    if ppl:
+        print(
+            f"perplexity measure ({ppl['texts']} texts of {ppl['seq_len']} tokens): forward per "
+            f"candidate {ppl['lm-eval_seconds']:.1f} s, fast engine {ppl['fast_seconds']:.1f} s "
+            f"({ppl['speedup']:.2f}x), largest relative difference {ppl['max_relative_difference']:.1e}, "
+            f"ranking identical: {ppl['ranking_identical']}"
+        )
     if ablation:
         for name, seconds in ablation.items():
             print(

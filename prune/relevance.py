@@ -18,7 +18,7 @@ which a pruner would remove them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -451,24 +451,25 @@ def perplexity_relevance(
     fingerprint = model_fingerprint(loaded) if cache is not None else ""
     candidates = [(), *spans]
 
-    def plain(missing: list[tuple[int, ...]]) -> list[float]:
-        out = []
+    def plain(missing: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], float]]:
         for removed in tqdm(
             missing, desc="perplexity relevance", unit="model", disable=not progress
         ):
             with layers_removed(model, removed):
-                out.append(
-                    perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+                yield (
+                    removed,
+                    perplexity(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size),
                 )
-        return out
 
-    def fast(missing: list[tuple[int, ...]]) -> list[float]:
+    def fast(missing: list[tuple[int, ...]]) -> Iterator[tuple[tuple[int, ...], float]]:
         from prune.fasteval import perplexities
 
-        return perplexities(model, tokenizer, texts, missing, seq_len=seq_len, progress=progress)
+        values = perplexities(model, tokenizer, texts, missing, seq_len=seq_len, progress=progress)
+        yield from zip(missing, values, strict=True)
 
     def measure(chosen: str) -> list[float]:
-        """Cached values first; the missing candidates computed in one go by the chosen path."""
+        """Cached values first; the missing ones from the chosen path, each cached as it comes
+        (the plain path one candidate at a time, so an interrupted run resumes)."""
         kind = "perplexity" if chosen == "lm-eval" else "perplexity-fast"  # separate cache entries
         keys = {
             c: ResultCache.key(fingerprint, c, pseudo.tasks[0], pseudo, kind) if cache else ""
@@ -477,15 +478,11 @@ def perplexity_relevance(
         values = {c: cache.get_value(keys[c]) for c in candidates} if cache else {}
         missing = [c for c in candidates if values.get(c) is None]
         if missing:
-            for removed, value in zip(
-                missing, (plain if chosen == "lm-eval" else fast)(missing), strict=True
-            ):
+            for removed, value in (plain if chosen == "lm-eval" else fast)(missing):
                 values[removed] = value
                 if cache:
-                    cache.put(
-                        keys[removed],
-                        TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False),
-                    )
+                    score = TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False)
+                    cache.put(keys[removed], score)
         return [values[c] for c in candidates]
 
     check_engine(engine)

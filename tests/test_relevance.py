@@ -360,6 +360,30 @@ def test_fast_perplexity_equals_the_plain_forward(tmp_path, model_type):
     assert calls == [] and [s.score for s in again.scores] == [s.score for s in fast.scores]
 
 
+def test_plain_perplexity_resumes_after_interruption(tmp_path, monkeypatch):
+    """The per-candidate path caches each perplexity as it finishes: Ctrl-C loses only the
+    candidate in flight."""
+    import prune.relevance as relevance_mod
+
+    loaded, cache = _loaded(tiny_model("llama", 3, seed=8)), ResultCache(tmp_path)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(len(loaded.model.model.layers))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return perplexity(*args, **kwargs)
+
+    monkeypatch.setattr(relevance_mod, "perplexity", counting)
+    run = dict(seq_len=32, cache=cache, progress=False, engine="lm-eval")
+    with pytest.raises(KeyboardInterrupt):
+        perplexity_relevance(loaded, TEXTS, **run)
+    assert len(loaded.model.model.layers) == 3  # the interrupted removal was undone
+    calls.clear()
+    perplexity_relevance(loaded, TEXTS, **run)
+    assert calls == [2, 2]  # the full model and block 0 came from the cache
+
+
 def test_cosine_ranking_is_cached(tmp_path, monkeypatch):
     import prune.relevance as relevance_mod
 

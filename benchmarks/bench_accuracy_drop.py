@@ -7,9 +7,10 @@
 Both paths score the full model and the model minus each single block on the
 same fixed slice (the first `--limit` documents of each task):
 
-- lm-eval path: `prune.evaluate.evaluate_removals(..., engine="lm-eval")`, i.e.
+- lm-eval path: `prune.evaluate.removals.evaluate_removals(..., engine="lm-eval")`, i.e.
   remove the block, `lm_eval.simple_evaluate` with HFLM, restore (the naive way);
-- fast engine: `prune.fasteval` (token trees, prefix reuse, scored logits only),
+- fast engine: `prune.evaluate.harness.FastEvaluator` over `prune.evaluate.engine`
+  (token trees, prefix reuse, scored logits only),
   timed end to end from the model in memory to lm-eval's scores.
 
 Prints both wall times and their ratio, peak memory (RSS sampled during each
@@ -39,9 +40,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-import prune.evaluate as evaluate_mod  # noqa: E402
-from prune.evaluate import EvalSettings, evaluate_removals  # noqa: E402
-from prune.fasteval import FastEngine, FastEvaluator, close_calls  # noqa: E402
+import prune.evaluate.harness as harness_mod  # noqa: E402
+from prune.evaluate.engine import FastEngine  # noqa: E402
+from prune.evaluate.harness import FastEvaluator, close_calls  # noqa: E402
+from prune.evaluate.removals import evaluate_removals  # noqa: E402
+from prune.evaluate.settings import EvalSettings  # noqa: E402
 from prune.models import load_model  # noqa: E402
 from prune.surgery import count_layers  # noqa: E402
 
@@ -75,18 +78,18 @@ class PeakRSS:
 
 @contextmanager
 def capture_results(sink: list):
-    """Keep every raw lm-eval results dict that `prune.evaluate` turns into scores."""
-    original = evaluate_mod.scores_from_results
+    """Keep every raw lm-eval results dict that `prune.evaluate.harness` turns into scores."""
+    original = harness_mod.scores_from_results
 
     def spy(results, wanted, task_metric):
         sink.append(results["results"])
         return original(results, wanted, task_metric)
 
-    evaluate_mod.scores_from_results = spy
+    harness_mod.scores_from_results = spy
     try:
         yield
     finally:
-        evaluate_mod.scores_from_results = original
+        harness_mod.scores_from_results = original
 
 
 @contextmanager
@@ -176,7 +179,7 @@ def gpu_peak(device: torch.device) -> int | None:
 
 def cosine_throughput(loaded, samples: int, seq_len: int) -> dict:
     from prune.calibration import load_calibration
-    from prune.relevance import cosine_relevance
+    from prune.measures.cosine import cosine_relevance
 
     texts = load_calibration(None, samples=samples)
     model, tok = loaded.model, loaded.tokenizer
@@ -228,7 +231,7 @@ def cosine_throughput(loaded, samples: int, seq_len: int) -> dict:
 def perplexity_paths(loaded, samples: int, seq_len: int) -> dict:
     """The perplexity measure of every layer, per-candidate forward passes vs the fast engine."""
     from prune.calibration import load_calibration
-    from prune.relevance import perplexity_relevance
+    from prune.measures.perplexity import perplexity_relevance
 
     texts = load_calibration(None, samples=samples)
     out, rankings = {"texts": len(texts), "seq_len": seq_len}, {}
@@ -330,7 +333,7 @@ def main() -> None:
 
     # ---- fast engine: everything from the in-memory model to lm-eval's scores
     fast_raw: list = []
-    getattr(evaluate_mod, "_LAST_RUNNER", []).clear()  # the fast path builds its own lm-eval runner
+    getattr(harness_mod, "_LAST_RUNNER", []).clear()  # the fast path builds its own lm-eval runner
     rss.reset()
     gpu_peak_reset(model.device)
     start = time.perf_counter()

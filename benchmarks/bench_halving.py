@@ -25,9 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from prune.evaluate import EvalSettings  # noqa: E402
+from prune.evaluate.settings import EvalSettings  # noqa: E402
+from prune.measures.accuracy import accuracy_relevance, halving_rounds  # noqa: E402
 from prune.models import load_model  # noqa: E402
-from prune.relevance import accuracy_relevance, halving_rounds  # noqa: E402
 from prune.tasks import task_manager  # noqa: E402
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from prune.defaults import CALIBRATION_SAMPLES
 from prune.errors import PruneError
 
 DEFAULT_FILE = "lambada_openai.jsonl"
@@ -93,7 +94,10 @@ def read_hf_dataset(spec: str) -> list[str]:
 
 
 def load_calibration(
-    source: str | os.PathLike | None = None, *, samples: int = 64, data_dir: str | None = None
+    source: str | os.PathLike | None = None,
+    *,
+    samples: int = CALIBRATION_SAMPLES,
+    data_dir: str | None = None,
 ) -> list[str]:
     """The first `samples` calibration texts from `source` (see the module docstring)."""
     if samples < 1:

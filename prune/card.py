@@ -140,6 +140,9 @@ def _removed_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[
 
 def _ranking_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
     """How each strategy ranked the layers and why its removal loop stopped."""
+    from prune.measures import registry
+
+    measures = registry()
     settings = comparison.get("settings") or {}
     by_name = {s["name"]: s for s in settings.get("strategies", []) if isinstance(s, Mapping)}
     evaluation = settings.get("evaluation") or {}
@@ -147,10 +150,11 @@ def _ranking_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[
     lines = []
     for name in order:
         strat = by_name.get(name, {})
-        if name == "accuracy":
+        measure = measures.get(name)
+        if measure is not None and measure.needs_tasks:
             tasks = ", ".join(strat.get("tasks") or evaluation.get("tasks") or [])
             limit = strat.get("limit") or evaluation.get("limit")
-            how = f"accuracy drop on {tasks}" + (f" (first {limit} documents)" if limit else "")
+            how = f"{measure.label} on {tasks}" + (f" (first {limit} documents)" if limit else "")
         elif calibration:
             how = f"{name} on {calibration.get('samples')} calibration texts of up to {calibration.get('seq_len')} tokens"
         else:
@@ -213,44 +217,27 @@ def _correlation_lines(comparison: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def render_card(
-    comparison: Mapping[str, Any],
-    strategy: str,
-    *,
-    recipe_text: str,
-    figure: str | None = "relevance.png",
-    repo_id: str | None = None,
-) -> str:
-    """Markdown model card (with YAML front matter) for the `strategy` variant, comparing all strategies."""
-    model = comparison["model"]
-    order = [strategy] + [n for n in comparison["strategies"] if n != strategy]
-    variant = comparison["strategies"][strategy]
-    name = repo_id or f"{model.get('hub_id') or model['spec']}-{strategy}-pruned"
-    meta = front_matter(comparison, strategy, name.split("/")[-1])
-    base_ref = (
-        f"[{model['hub_id']}](https://huggingface.co/{model['hub_id']})"
-        if model.get("hub_id")
-        else f"`{model['spec']}`"
-    )
+def _strategy_notes(order: Sequence[str]) -> str:
+    """One sentence per strategy saying what its measure ranks by (from the measure registry)."""
+    from prune.measures import registry
+
+    measures = registry()
+    parts = [
+        f"`{name}` ranks a block by {measures[name].description}"
+        for name in order
+        if name in measures
+    ]
+    return "; ".join(parts) + "." if parts else ""
+
+
+def comparison_sections(
+    comparison: Mapping[str, Any], order: Sequence[str], figure: str | None
+) -> list[str]:
+    """The sections every card and comparison.md share: removed layers, scores, scores by depth,
+    warnings, agreement between the rankings and the figure (lines, ending with a blank one)."""
     ev = comparison["evaluation"]
     limit = f", first {ev['limit']} documents per task" if ev.get("limit") else ""
-    final = variant["final"]
     out = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
-        f"# {name.split('/')[-1]}",
-        "",
-        f"{base_ref} with {len(variant['removed'])} of its {model['num_layers']} transformer blocks removed "
-        f"by `prune` ({strategy} ranking, {variant['schedule']} schedule): "
-        f"{final['layers']} blocks, {_count(final.get('params'))} parameters.",
-        "",
-        "Blocks were removed one at a time, least relevant first. `cosine` ranks a block by "
-        "1 - cos(input, output) of its hidden states (ShortGPT's block influence); `accuracy` ranks it "
-        "by the measured drop in benchmark accuracy when it is removed; `perplexity` by the rise in "
-        "perplexity. This card compares the strategies run by the same recipe.",
-        "",
         "## Removed layers",
         "",
         *_removed_table(comparison, order),
@@ -288,14 +275,27 @@ def render_card(
         ]
     if figure:
         out += [f"![Per-layer relevance under each strategy]({figure})", ""]
-    out += [
+    return out
+
+
+def _usage_section(
+    comparison: Mapping[str, Any], repo_id: str | None, recipe_text: str
+) -> list[str]:
+    """How to load the variant and how to reproduce it."""
+    where = repo_id or "path/to/this/folder"
+    flags = "".join(
+        f" --{k.replace('_', '-')} {v}"
+        for k, v in (comparison.get("overrides") or {}).items()
+        if k in ("limit", "device")
+    )
+    return [
         "## Use",
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "path/to/this/folder"}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         "```",
         "",
         'Removing blocks without further training costs quality; fine-tuning ("healing") usually recovers part of it.',
@@ -303,12 +303,7 @@ def render_card(
         "## Reproduce",
         "",
         "```bash",
-        "prune run recipe.yaml"
-        + "".join(
-            f" --{k.replace('_', '-')} {v}"
-            for k, v in (comparison.get("overrides") or {}).items()
-            if k in ("limit", "device")
-        ),
+        "prune run recipe.yaml" + flags,
         "```",
         "",
         "with this `recipe.yaml`:",
@@ -317,6 +312,46 @@ def render_card(
         recipe_text.rstrip(),
         "```",
         "",
+    ]
+
+
+def render_card(
+    comparison: Mapping[str, Any],
+    strategy: str,
+    *,
+    recipe_text: str,
+    figure: str | None = "relevance.png",
+    repo_id: str | None = None,
+) -> str:
+    """Markdown model card (with YAML front matter) for the `strategy` variant, comparing all strategies."""
+    model = comparison["model"]
+    order = [strategy] + [n for n in comparison["strategies"] if n != strategy]
+    variant = comparison["strategies"][strategy]
+    name = repo_id or f"{model.get('hub_id') or model['spec']}-{strategy}-pruned"
+    meta = front_matter(comparison, strategy, name.split("/")[-1])
+    base_ref = (
+        f"[{model['hub_id']}](https://huggingface.co/{model['hub_id']})"
+        if model.get("hub_id")
+        else f"`{model['spec']}`"
+    )
+    final = variant["final"]
+    out = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {name.split('/')[-1]}",
+        "",
+        f"{base_ref} with {len(variant['removed'])} of its {model['num_layers']} transformer blocks removed "
+        f"by `prune` ({strategy} ranking, {variant['schedule']} schedule): "
+        f"{final['layers']} blocks, {_count(final.get('params'))} parameters.",
+        "",
+        "Blocks were removed one at a time, least relevant first. "
+        + _strategy_notes(order)
+        + " This card compares the strategies run by the same recipe.",
+        "",
+        *comparison_sections(comparison, order, figure),
+        *_usage_section(comparison, repo_id, recipe_text),
     ]
     return "\n".join(out)
 

@@ -1,6 +1,10 @@
 """The `prune` command line: parse options, call one library function, print the result.
 
-Library code raises PruneError; only this module turns it into `Error: ...`.
+Library code raises PruneError; only this module turns it into `Error: ...` (adding
+hints about flags, which the library does not know about).
+
+Importing this module loads no torch, transformers or lm-eval, so `prune --help` and
+`prune validate` answer at once: commands import the library inside their bodies.
 """
 
 from __future__ import annotations
@@ -8,40 +12,79 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from prune import __version__
-from prune.errors import PruneError
-from prune.models import DEFAULT_MODEL, DEVICES, DTYPES
+from prune.defaults import (
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SEQ_LEN,
+    DEFAULT_MODEL,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_STRATEGIES,
+    DEVICES,
+    DTYPES,
+    ENGINES,
+    EVAL_BATCH_SIZE,
+)
+from prune.errors import FastEngineUnsupported, PruneError
 
 log = logging.getLogger("prune")
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+@dataclass(frozen=True)
+class Verbosity:
+    """How much the user wants to see, from `-v` and `-q`; the group puts it on `ctx.obj`."""
+
+    verbose: int = 0
+    quiet: bool = False
+
+    @property
+    def progress(self) -> bool:
+        """Whether to show progress bars (everything but `--quiet`)."""
+        return not self.quiet
+
+
+pass_verbosity = click.make_pass_decorator(Verbosity, ensure=True)
+
+
+def _setup_logging(verbosity: Verbosity) -> None:
+    level = (
+        logging.ERROR if verbosity.quiet else logging.INFO if verbosity.verbose else logging.WARNING
+    )
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    logging.getLogger("prune").setLevel(logging.DEBUG if verbose > 1 else level)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = (
-            "1"  # tqdm reads this only when imported: also tell the libraries
-        )
-    try:
-        from transformers.utils import logging as hf_logging
+    logging.getLogger("prune").setLevel(logging.DEBUG if verbosity.verbose > 1 else level)
 
-        hf_logging.set_verbosity_info() if verbose > 1 else hf_logging.set_verbosity_error()
-        if quiet:  # "Loading weights", "Writing model shards", Hub downloads
-            hf_logging.disable_progress_bar()
-            from huggingface_hub.utils import disable_progress_bars
 
-            disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
+def _configure_libraries(verbosity: Verbosity, *, datasets: bool = False) -> None:
+    """Set the logs and progress bars of transformers and huggingface_hub (and datasets) through
+    their own switches, for a command about to load a model or touch the Hub.
+
+    Called from inside such commands, never at start-up, so `--help` and `validate` import
+    none of these libraries.
+    """
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    if verbosity.verbose > 1:
+        hf_logging.set_verbosity_info()
+    else:
+        hf_logging.set_verbosity_error()
+    if not verbosity.quiet:
+        return
+    hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards"
+    disable_progress_bars()  # Hub downloads and uploads
+    if datasets:  # "Generating train split" when calibration text comes from a dataset
+        try:
+            from datasets.utils.logging import disable_progress_bar
+        except ImportError:  # pragma: no cover - an optional dependency of calibration
+            return
+        disable_progress_bar()
 
 
 def handle_errors(func):
@@ -51,6 +94,8 @@ def handle_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except FastEngineUnsupported as exc:
+            raise click.ClickException(f"{exc.reason} (use --engine lm-eval)") from exc
         except PruneError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt:
@@ -58,6 +103,52 @@ def handle_errors(func):
             sys.exit(130)
 
     return wrapper
+
+
+class MeasureChoice(click.ParamType):
+    """A relevance measure name, checked against the registry when used (not at import)."""
+
+    name = "measure"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        from prune.measures import measure_names
+
+        return "[" + "|".join(measure_names()) + "]"
+
+    def convert(self, value, param, ctx):
+        from prune.measures import measure_names
+
+        names = measure_names()
+        if value not in names:
+            self.fail(f"'{value}' is not one of {', '.join(names)}.", param, ctx)
+        return value
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        from prune.measures import measure_names
+
+        return [CompletionItem(n) for n in measure_names() if n.startswith(incomplete)]
+
+
+class MeasureList(MeasureChoice):
+    """Comma-separated measure names -> a list (order kept, duplicates dropped); the library
+    checks the names (an unknown one is an `Error:` line naming the accepted ones)."""
+
+    name = "measures"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return super().get_metavar(param, ctx) + ",..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        chosen: list[str] = []
+        for item in str(value).split(","):
+            name = item.strip()
+            if name and name not in chosen:
+                chosen.append(name)
+        return chosen
 
 
 model_argument = click.argument("model", default=DEFAULT_MODEL, required=False)
@@ -82,7 +173,8 @@ device_option = click.option(
 @click.version_option(__version__, prog_name="prune")
 @click.option("-v", "--verbose", count=True, help="More log output (repeat for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors; no progress bars.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Remove whole transformer blocks from Hugging Face causal LMs.
 
     MODEL is a Hub id, a checkpoint folder, a .gguf file, or an embedded name
@@ -93,7 +185,8 @@ def cli(verbose: int, quiet: bool) -> None:
       prune info smollm2-135m
       prune drop smollm2-135m --layers 20,21 --out pruned/
     """
-    _setup_logging(verbose, quiet)
+    ctx.obj = Verbosity(verbose, quiet)
+    _setup_logging(ctx.obj)
 
 
 @cli.command()
@@ -101,12 +194,14 @@ def cli(verbose: int, quiet: bool) -> None:
 @dtype_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@pass_verbosity
 @handle_errors
-def info(model: str, dtype: str, device: str, as_json: bool) -> None:
+def info(verbosity: Verbosity, model: str, dtype: str, device: str, as_json: bool) -> None:
     """Show architecture, layer count, parameter counts and where the blocks live."""
     from prune.models import load_model
     from prune.summary import describe_model
 
+    _configure_libraries(verbosity)
     summary = describe_model(load_model(model, dtype=dtype, device=device))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -141,12 +236,17 @@ def info(model: str, dtype: str, device: str, as_json: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option(
-    "--max-shard-size", default="2GB", show_default=True, help="Shard safetensors above this size."
+    "--max-shard-size",
+    default=DEFAULT_SHARD_SIZE,
+    show_default=True,
+    help="Shard safetensors above this size, e.g. 500MB, 1.5GB or a number of bytes.",
 )
 @dtype_option
 @device_option
+@pass_verbosity
 @handle_errors
 def drop(
+    verbosity: Verbosity,
     model: str,
     layers: str,
     out: Path,
@@ -157,8 +257,16 @@ def drop(
 ) -> None:
     """Remove the given layers from MODEL and write a loadable checkpoint to --out."""
     from prune.export import drop_and_export
+    from prune.sizes import ACCEPTED, parse_size
     from prune.surgery import parse_layer_list
 
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except PruneError:
+        raise PruneError(
+            f"bad --max-shard-size value {max_shard_size!r} (accepted: {ACCEPTED})"
+        ) from None
+    _configure_libraries(verbosity)
     record = drop_and_export(
         model,
         parse_layer_list(layers),
@@ -166,7 +274,7 @@ def drop(
         dtype=dtype,
         device=device,
         overwrite=overwrite,
-        max_shard_size=max_shard_size,
+        max_shard_size=shard_bytes,
     )
     click.echo(
         f"removed layers {record['removed_layers']}: {record['num_layers_before']} -> "
@@ -214,8 +322,10 @@ def validate(recipe: Path) -> None:
     is_flag=True,
     help="Continue in an existing output folder, reusing cached evaluations.",
 )
+@pass_verbosity
 @handle_errors
 def run(
+    verbosity: Verbosity,
     recipe: Path,
     out: Path | None,
     limit: int | None,
@@ -231,9 +341,10 @@ def run(
       recipe.yaml, comparison.json, comparison.md, relevance.png,
       variants/<strategy>/  (a loadable checkpoint with its model card)
     """
-    from prune.run import format_table, headline_rows, run_recipe
+    from prune.pipeline import run_recipe
+    from prune.report import format_table, headline_rows
 
-    quiet = bool(click.get_current_context().find_root().params.get("quiet"))
+    _configure_libraries(verbosity, datasets=True)
     result = run_recipe(
         recipe,
         out=out,
@@ -242,8 +353,8 @@ def run(
         push=push,
         overwrite=overwrite,
         resume=resume,
-        progress=not quiet,
-        echo=lambda msg: click.echo(msg, err=True) if not quiet else None,
+        progress=verbosity.progress,
+        echo=lambda msg: click.echo(msg, err=True) if not verbosity.quiet else None,
     )
     click.echo(format_table(headline_rows(result.comparison)))
     click.echo("")
@@ -276,8 +387,10 @@ def run(
     "--token", help="Hub token. Default: HF_TOKEN, then the stored `hf auth login` token."
 )
 @click.option("--endpoint", help="Hub URL. Default: HF_ENDPOINT, then https://huggingface.co.")
+@pass_verbosity
 @handle_errors
 def push(
+    verbosity: Verbosity,
     folder: Path,
     repo_id: str,
     private: bool,
@@ -297,6 +410,7 @@ def push(
     """
     from prune.hub import push_folder
 
+    _configure_libraries(verbosity)
     result = push_folder(
         folder,
         repo_id,
@@ -336,7 +450,7 @@ def relevance_options(func):
         click.option(
             "--batch-size",
             type=int,
-            default=8,
+            default=EVAL_BATCH_SIZE,
             show_default=True,
             help="Batch size for evaluation and calibration.",
         ),
@@ -364,12 +478,16 @@ def relevance_options(func):
             help="Calibration text: a .txt/.jsonl file or a HF dataset name (default: LAMBADA passages).",
         ),
         click.option(
-            "--samples", type=int, default=64, show_default=True, help="Calibration samples."
+            "--samples",
+            type=int,
+            default=CALIBRATION_SAMPLES,
+            show_default=True,
+            help="Calibration samples.",
         ),
         click.option(
             "--seq-len",
             type=int,
-            default=256,
+            default=CALIBRATION_SEQ_LEN,
             show_default=True,
             help="Calibration tokens per sample.",
         ),
@@ -388,7 +506,7 @@ def relevance_options(func):
         ),
         click.option(
             "--engine",
-            type=click.Choice(["auto", "fast", "lm-eval"]),
+            type=click.Choice(ENGINES),
             default="auto",
             show_default=True,
             help="Engine for accuracy and perplexity: fast (same numbers, much cheaper), lm-eval "
@@ -417,7 +535,8 @@ def relevance_options(func):
     return func
 
 
-def _relevance_kwargs(kw: dict) -> dict:
+def _relevance_kwargs(kw: dict, verbosity: Verbosity) -> dict:
+    """The library's keyword arguments from the shared options, with `progress` from -q."""
     keys = (
         "tasks",
         "limit",
@@ -438,7 +557,7 @@ def _relevance_kwargs(kw: dict) -> dict:
     )
     out = {k: kw[k] for k in keys}
     out["use_cache"] = not kw["no_cache"]
-    out["progress"] = os.environ.get("TQDM_DISABLE") != "1"
+    out["progress"] = verbosity.progress
     return out
 
 
@@ -447,14 +566,15 @@ def _relevance_kwargs(kw: dict) -> dict:
 @click.option(
     "-m",
     "--metric",
-    type=click.Choice(["cosine", "accuracy", "perplexity"]),
+    type=MeasureChoice(),
     default="cosine",
     show_default=True,
     help="Relevance measure.",
 )
 @relevance_options
+@pass_verbosity
 @handle_errors
-def rank(model: str, metric: str, as_json: bool, **kw) -> None:
+def rank(verbosity: Verbosity, model: str, metric: str, as_json: bool, **kw) -> None:
     """Score every layer of MODEL by one relevance measure and print the table.
 
     \b
@@ -464,7 +584,8 @@ def rank(model: str, metric: str, as_json: bool, **kw) -> None:
     """
     from prune.compare import rank_model, render_table
 
-    report = rank_model(model, metric, **_relevance_kwargs(kw))
+    _configure_libraries(verbosity, datasets=True)
+    report = rank_model(model, metric, **_relevance_kwargs(kw, verbosity))
     click.echo(json.dumps(report, indent=2) if as_json else render_table(report))
 
 
@@ -479,16 +600,26 @@ def rank(model: str, metric: str, as_json: bool, **kw) -> None:
 )
 @click.option(
     "--measures",
-    default="cosine,accuracy",
+    type=MeasureList(),
+    default=",".join(DEFAULT_STRATEGIES),
     show_default=True,
-    help="Comma-separated: cosine, accuracy, perplexity.",
+    help="Comma-separated relevance measures.",
 )
 @click.option(
     "--perplexity", "with_ppl", is_flag=True, help="Also compute the perplexity increase."
 )
 @relevance_options
+@pass_verbosity
 @handle_errors
-def compare(model: str, out: Path, measures: str, with_ppl: bool, as_json: bool, **kw) -> None:
+def compare(
+    verbosity: Verbosity,
+    model: str,
+    out: Path,
+    measures: list[str],
+    with_ppl: bool,
+    as_json: bool,
+    **kw,
+) -> None:
     """Compare cosine relevance with measured accuracy drop (and perplexity) per layer.
 
     \b
@@ -497,10 +628,11 @@ def compare(model: str, out: Path, measures: str, with_ppl: bool, as_json: bool,
     """
     from prune.compare import compare_model, render_table
 
-    chosen = [m.strip() for m in measures.split(",") if m.strip()]
+    chosen = list(measures)
     if with_ppl and "perplexity" not in chosen:
         chosen.append("perplexity")
-    report, paths = compare_model(model, out, measures=chosen, **_relevance_kwargs(kw))
+    _configure_libraries(verbosity, datasets=True)
+    report, paths = compare_model(model, out, measures=chosen, **_relevance_kwargs(kw, verbosity))
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

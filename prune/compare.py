@@ -1,308 +1,131 @@
-"""Put relevance measures side by side: per-layer table, correlations, overlaps, JSON, figure.
+"""`prune rank` and `prune compare`: validate the options, load the model, run the measures,
+and return (and write) the per-layer report of prune.layer_report.
 
-`compare_measures` runs the chosen measures on one model and returns a report
-dict (the JSON written by `prune compare`): `model`, `baseline` (score per
-task), `layers` [{index, cosine, cosine_stderr, accuracy_drop,
-accuracy_drop_stderr, perplexity_increase, per_task_drop, rank_*}],
-`correlations` (cosine vs accuracy drop: spearman/kendall/pearson with
-p-values, plus every other pair under `pairs`), `overlaps` of the k least
-relevant layers for k = 10/25/50% of depth, and `timings` (seconds per
-measure). `write_report` writes `report.json`, `table.md` and `relevance.png`.
+Every option is checked against the measure registry (prune/measures/) before any
+model is loaded: unknown measure names, missing tasks or calibration texts, a bad
+`--halving`. `write_report` writes report.json, table.md and relevance.png, each
+atomically.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prune.defaults import (
+    CALIBRATION_BATCH_SIZE,
+    CALIBRATION_SAMPLES,
+    CALIBRATION_SEQ_LEN,
+    DEFAULT_STRATEGIES,
+    EVAL_BATCH_SIZE,
+)
 from prune.errors import PruneError
-from prune.evaluate import EvalSettings, ResultCache
-from prune.relevance import MEASURES, Ranking, halving_rounds, rank_layers
-
-OVERLAP_FRACTIONS = (0.10, 0.25, 0.50)
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
-def correlations(a: Sequence[float], b: Sequence[float]) -> dict[str, dict[str, float | None]]:
-    """Spearman, Kendall and Pearson correlation (with p-values) of two score lists."""
-    from scipy import stats
-
-    pairs = [
-        (x, y)
-        for x, y in zip(a, b, strict=False)
-        if _finite(x) is not None and _finite(y) is not None
-    ]
-    empty = {
-        "spearman": {"rho": None, "p": None},
-        "kendall": {"tau": None, "p": None},
-        "pearson": {"r": None, "p": None},
-    }
-    if len(pairs) < 3:
-        return empty
-    xs, ys = zip(*pairs, strict=False)
-    if len(set(xs)) < 2 or len(set(ys)) < 2:  # constant input: correlation undefined
-        return empty
-    sp, kd, pe = stats.spearmanr(xs, ys), stats.kendalltau(xs, ys), stats.pearsonr(xs, ys)
-    return {
-        "spearman": {"rho": _finite(float(sp.statistic)), "p": _finite(float(sp.pvalue))},
-        "kendall": {"tau": _finite(float(kd.statistic)), "p": _finite(float(kd.pvalue))},
-        "pearson": {"r": _finite(float(pe.statistic)), "p": _finite(float(pe.pvalue))},
-    }
+from prune.layer_report import build_report, render_table
+from prune.measures import (
+    Measure,
+    Ranking,
+    RankRequest,
+    get_measure,
+    halving_rounds,
+    measure_names,
+    registry,
+)
 
 
-def overlaps(order_a: Sequence[int], order_b: Sequence[int], depth: int) -> list[dict[str, Any]]:
-    """How many of the k least-relevant layers two orders share, for k = 10/25/50% of depth."""
-    out = []
-    for fraction in OVERLAP_FRACTIONS:
-        k = max(1, round(fraction * depth))
-        shared = sorted(set(order_a[:k]) & set(order_b[:k]))
-        out.append(
-            {
-                "fraction": fraction,
-                "k": k,
-                "shared": len(shared),
-                "ratio": len(shared) / k,
-                "layers": shared,
-            }
-        )
-    return out
-
-
-def _ranks(ranking: Ranking) -> dict[int, int]:
-    """1 = least relevant."""
-    return {index: pos + 1 for pos, index in enumerate(ranking.order())}
-
-
-def build_report(
-    model_name: str,
-    rankings: dict[str, Ranking],
-    timings: dict[str, float],
-    extra: dict | None = None,
-) -> dict[str, Any]:
-    """Combine rankings into the report dict (see the module docstring)."""
-    if not rankings:
-        raise PruneError("no measure to compare (accepted: cosine, accuracy, perplexity)")
-    depth = next(iter(rankings.values())).num_layers
-    cos = rankings.get("cosine")
-    acc = rankings.get("accuracy")
-    ppl = rankings.get("perplexity")
-    span = max(r.scores[0].span for r in rankings.values())
-    indices = sorted({s.index for r in rankings.values() for s in r.scores})
-    layers = []
-    ranks = {name: _ranks(r) for name, r in rankings.items()}
-    for i in indices:
-        c = cos.by_index().get(i) if cos else None
-        a = acc.by_index().get(i) if acc else None
-        p = ppl.by_index().get(i) if ppl else None
-        layers.append(
-            {
-                "index": i,
-                "cosine": c.score if c else None,
-                "cosine_stderr": c.stderr if c else None,
-                "accuracy_drop": a.score if a else None,
-                "accuracy_drop_stderr": a.stderr if a else None,
-                "accuracy_documents": a.documents if a else None,
-                "perplexity_increase": _finite(p.score) if p else None,
-                "per_task_drop": a.per_task if a else None,
-                **{f"rank_{name}": ranks[name].get(i) for name in rankings},
-            }
-        )
-    names = list(rankings)
-    pairs = {}
-    for x in range(len(names)):
-        for y in range(x + 1, len(names)):
-            ra, rb = rankings[names[x]].by_index(), rankings[names[y]].by_index()
-            common = [i for i in indices if i in ra and i in rb]
-            pairs[f"{names[x]}~{names[y]}"] = {
-                **correlations([ra[i].score for i in common], [rb[i].score for i in common]),
-                # Over the layers both measures scored (--layers may limit one of them).
-                "overlaps": overlaps(
-                    [i for i in rankings[names[x]].order() if i in rb],
-                    [i for i in rankings[names[y]].order() if i in ra],
-                    len(common),
-                ),
-            }
-    main = pairs.get("cosine~accuracy") or (next(iter(pairs.values())) if pairs else None)
-    baseline = None
-    if acc is not None and isinstance(acc.baseline, dict):
-        baseline = {task: score.to_dict() for task, score in acc.baseline.items()}
-    report = {
-        "model": model_name,
-        "num_layers": depth,
-        "block_size": span,
-        "measures": names,
-        "baseline": baseline,
-        "baseline_perplexity": ppl.baseline if ppl else None,
-        "layers": layers,
-        "correlations": {k: v for k, v in main.items() if k != "overlaps"} if main else None,
-        "overlaps": main["overlaps"] if main else None,
-        "pairs": pairs,
-        "orders": {name: r.order() for name, r in rankings.items()},
-        "settings": {name: r.settings for name, r in rankings.items()},
-        "timings": timings,
-    }
-    if extra:
-        report.update(extra)
-    return report
+def check_measures(names: Sequence[str]) -> list[Measure]:
+    """The registered measures called `names`; PruneError naming the accepted ones otherwise."""
+    if not names:
+        raise PruneError(f"no measure given (accepted: {', '.join(measure_names())})")
+    return [get_measure(name) for name in names]
 
 
 def compare_measures(
     loaded: Any,
-    settings: EvalSettings | None,
+    settings: Any,
     *,
     texts: Sequence[str] | None,
     model_name: str,
-    measures: Sequence[str] = ("cosine", "accuracy"),
-    seq_len: int = 256,
-    batch_size: int = 8,
+    measures: Sequence[str] = DEFAULT_STRATEGIES,
+    seq_len: int = CALIBRATION_SEQ_LEN,
+    batch_size: int = CALIBRATION_BATCH_SIZE,
     block_size: int = 1,
     engine: str = "auto",
-    cache: ResultCache | None = None,
+    cache: Any = None,
     progress: bool = True,
     layers: Sequence[int] | None = None,
     halving: int | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen measures on one model and return the comparison report.
+    """Run the chosen measures on one loaded model and return the report (prune.layer_report).
 
-    `layers` limits the accuracy and perplexity measures (one evaluation per
-    layer) to those blocks; cosine, one forward pass, always scores every block.
+    `settings` (EvalSettings) serves the measures that evaluate tasks, `texts` those
+    that read calibration texts. `layers` and `halving` go to the measures they apply
+    to (per-layer measures; measures that accept halving); a one-pass measure such as
+    cosine always scores every block.
     """
-    unknown = [m for m in measures if m not in MEASURES]
-    if unknown:
-        raise PruneError(f"unknown measure '{unknown[0]}' (accepted: {', '.join(MEASURES)})")
     rankings: dict[str, Ranking] = {}
     timings: dict[str, float] = {}
-    for measure in measures:
+    for measure in check_measures(measures):
         start = time.perf_counter()
-        rankings[measure] = rank_layers(
-            measure,
+        request = RankRequest(
             loaded,
-            texts=texts,
-            settings=settings,
+            texts=texts if measure.needs_texts else None,
+            settings=settings if measure.needs_tasks else None,
             seq_len=seq_len,
             batch_size=batch_size,
             block_size=block_size,
-            layers=layers,
+            layers=layers if measure.per_layer else None,
             engine=engine,
             cache=cache,
             progress=progress,
-            halving=halving,
+            halving=halving if measure.halving else None,
         )
-        timings[measure] = round(time.perf_counter() - start, 2)
+        rankings[measure.name] = measure.rank(request)
+        timings[measure.name] = round(time.perf_counter() - start, 2)
     return build_report(model_name, rankings, timings)
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def render_table(report: dict[str, Any]) -> str:
-    """The per-layer table and correlation summary as markdown."""
-    names = report["measures"]
-    head = ["layer"]
-    if "cosine" in names:
-        head += ["cosine (1-cos)" if report["block_size"] == 1 else "angular", "rank"]
-    if "accuracy" in names:
-        head += ["acc drop ± se", "rank"]
-    if "perplexity" in names:
-        head += ["ppl increase", "rank"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
-    for row in report["layers"]:
-        cells = [str(row["index"])]
-        if "cosine" in names:
-            cells += [_fmt(row["cosine"]), str(row["rank_cosine"] or "-")]
-        if "accuracy" in names:
-            early = row.get("accuracy_documents")
-            cells += [
-                f"{_fmt(row['accuracy_drop'])} ± {_fmt(row['accuracy_drop_stderr'])}"
-                + ("" if early is None else f" (n={early})"),
-                str(row["rank_accuracy"] or "-"),
-            ]
-        if "perplexity" in names:
-            cells += [_fmt(row["perplexity_increase"], 2), str(row["rank_perplexity"] or "-")]
-        lines.append("| " + " | ".join(cells) + " |")
-    out = [f"# Layer relevance: {report['model']} ({report['num_layers']} layers)", ""]
-    if report.get("baseline"):
-        out.append(
-            "Baseline: "
-            + ", ".join(
-                f"{t} {s['metric']} {s['value']:.4f} ± {_fmt(s['stderr'])} (n={s['n']})"
-                for t, s in report["baseline"].items()
-            )
-        )
-    if report.get("baseline_perplexity") is not None:
-        out.append(f"Baseline perplexity: {report['baseline_perplexity']:.3f}")
-    out += ["", "Rank 1 = least relevant (removed first).", "", *lines, ""]
-    if any(row.get("accuracy_documents") is not None for row in report["layers"]):
-        out += [
-            "Successive halving: drops marked (n=N) are estimates from the first N documents per "
-            "task (those blocks looked more relevant and were dropped early); the others use every "
-            "document.",
-            "",
-        ]
-    if report["pairs"]:
-        out += [
-            "| measures | spearman rho (p) | kendall tau (p) | pearson r (p) | overlap 10% | 25% | 50% |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for pair, c in report["pairs"].items():
-            ov = " | ".join(f"{o['shared']}/{o['k']}" for o in c["overlaps"])
-            out.append(
-                f"| {pair} | {_fmt(c['spearman']['rho'], 3)} ({_fmt(c['spearman']['p'], 3)}) | "
-                f"{_fmt(c['kendall']['tau'], 3)} ({_fmt(c['kendall']['p'], 3)}) | {_fmt(c['pearson']['r'], 3)} ({_fmt(c['pearson']['p'], 3)}) | {ov} |"
-            )
-        out.append("")
-    out.append(
-        "Time per measure: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["timings"].items())
-    )
-    return "\n".join(out) + "\n"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, table.md and relevance.png into `out_dir` (each atomically)."""
+    from prune.atomic import write_file
     from prune.plot import plot_relevance
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PruneError(f"--out '{out}' exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": out / "report.json",
         "table": out / "table.md",
         "figure": out / "relevance.png",
     }
-    _atomic_write(paths["json"], (json.dumps(report, indent=2) + "\n").encode())
-    _atomic_write(paths["table"], render_table(report).encode())
-    _atomic_write(paths["figure"], plot_relevance(report))
+    write_file(paths["json"], json.dumps(report, indent=2) + "\n")
+    write_file(paths["table"], render_table(report))
+    write_file(paths["figure"], plot_relevance(report))
     return paths
 
 
 # --------------------------------------------------------------------------- command entry points
 
 
+def _check_halving(measures: list[Measure], limit: int | None, halving: int | None) -> None:
+    """A bad `--halving` value, a missing `--limit`, or no measure that accepts it: PruneError."""
+    if halving is None:
+        return
+    if not any(m.halving for m in measures):
+        accepting = [m.name for m in registry().values() if m.halving]
+        plural = "s" if len(accepting) > 1 else ""
+        raise PruneError(
+            f"--halving applies to the {', '.join(accepting)} measure{plural} only "
+            f"(this run measures: {', '.join(m.name for m in measures)})"
+        )
+    halving_rounds(limit, halving)
+
+
 def _prepare(
-    model: str,
-    measures: Sequence[str],
+    measures: list[Measure],
     *,
     tasks: str | Sequence[str] | None,
     limit: int | None,
@@ -314,17 +137,17 @@ def _prepare(
     calibration: str | None,
     samples: int,
     use_cache: bool,
-) -> tuple[EvalSettings | None, list[str] | None, ResultCache | None]:
-    """Validate everything cheap (settings, task names, calibration) before loading a model."""
-    unknown = [m for m in measures if m not in MEASURES]
-    if unknown or not measures:
-        raise PruneError(
-            f"unknown measure '{unknown[0] if unknown else ''}' (accepted: {', '.join(MEASURES)})"
-        )
+) -> tuple[Any, list[str] | None, Any]:
+    """Check everything cheap (settings, task names, calibration) before a model is loaded;
+    returns (EvalSettings or None, calibration texts or None, ResultCache or None)."""
     settings = None
-    if "accuracy" in measures:
+    task_measures = [m.name for m in measures if m.needs_tasks]
+    if task_measures:
         if not tasks:
-            raise PruneError("the accuracy measure needs --tasks (e.g. local_arc_easy,local_piqa)")
+            raise PruneError(
+                f"the {task_measures[0]} measure needs --tasks (e.g. local_arc_easy,local_piqa)"
+            )
+        from prune.evaluate.settings import EvalSettings
         from prune.tasks import resolve_task_names, split_task_names, task_manager
 
         settings = EvalSettings(
@@ -338,11 +161,16 @@ def _prepare(
         )
         resolve_task_names(settings.tasks, task_manager(data_dir, include_path, settings.tasks))
     texts = None
-    if "cosine" in measures or "perplexity" in measures:
+    if any(m.needs_texts for m in measures):
         from prune.calibration import load_calibration
 
         texts = load_calibration(calibration, samples=samples, data_dir=data_dir)
-    return settings, texts, ResultCache() if use_cache else None
+    cache = None
+    if use_cache:
+        from prune.evaluate.cache import ResultCache
+
+        cache = ResultCache()
+    return settings, texts, cache
 
 
 def _parse_layers(layers: str | Sequence[int] | None) -> list[int] | None:
@@ -362,13 +190,13 @@ def measure_model(
     tasks: str | Sequence[str] | None = None,
     limit: int | None = None,
     num_fewshot: int = 0,
-    batch_size: int = 8,
+    batch_size: int = EVAL_BATCH_SIZE,
     task_metric: str | None = None,
     include_path: str | None = None,
     data_dir: str | None = None,
     calibration: str | None = None,
-    samples: int = 64,
-    seq_len: int = 256,
+    samples: int = CALIBRATION_SAMPLES,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     block_size: int = 1,
     layers: str | Sequence[int] | None = None,
     engine: str = "auto",
@@ -378,22 +206,17 @@ def measure_model(
     progress: bool = True,
     halving: int | None = None,
 ) -> dict[str, Any]:
-    """Validate the options (before any model is loaded), load MODEL and run `measures` on it.
+    """Check the options (before any model is loaded), load MODEL and run `measures` on it.
 
-    Returns the report dict that `rank` prints and `compare` writes.
+    `batch_size` serves both the task evaluation and the calibration passes. Returns
+    the report dict that `rank` prints and `compare` writes.
     """
     from prune.models import load_model
 
-    if halving is not None:
-        if "accuracy" not in measures:
-            raise PruneError(
-                f"--halving applies to the accuracy measure only (this run measures: {', '.join(measures)})"
-            )
-        halving_rounds(limit, halving)  # a bad value or a missing --limit fails before loading
-
+    chosen = check_measures(measures)
+    _check_halving(chosen, limit, halving)
     settings, texts, cache = _prepare(
-        model,
-        measures,
+        chosen,
         tasks=tasks,
         limit=limit,
         num_fewshot=num_fewshot,
@@ -411,7 +234,7 @@ def measure_model(
         settings,
         texts=texts,
         model_name=model,
-        measures=measures,
+        measures=[m.name for m in chosen],
         seq_len=seq_len,
         batch_size=batch_size,
         block_size=block_size,
@@ -429,7 +252,7 @@ def compare_model(
     model: str,
     out: str | os.PathLike,
     *,
-    measures: Sequence[str] = ("cosine", "accuracy"),
+    measures: Sequence[str] = DEFAULT_STRATEGIES,
     **options: Any,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """`prune compare`: run the measures (options as in `measure_model`) and write
@@ -444,6 +267,4 @@ def compare_model(
 def rank_model(model: str, metric: str, **options: Any) -> dict[str, Any]:
     """`prune rank`: one measure on MODEL (options as in `measure_model`), as a report dict
     (same layout as `compare`)."""
-    if metric not in MEASURES:
-        raise PruneError(f"unknown metric '{metric}' (accepted: {', '.join(MEASURES)})")
     return measure_model(model, [metric], **options)

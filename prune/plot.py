@@ -1,10 +1,12 @@
-"""The comparison figure: per-layer relevance under each measure, and cosine vs accuracy drop.
+"""The comparison figure: per-layer relevance under each measure, and a proxy vs a measurement.
 
 Left: every measure as a normalised rank over the layers (0 = least relevant,
 1 = most), so measures with very different scales and outliers share one axis.
-Right: a scatter of cosine relevance (log scale when all values are positive)
-against accuracy drop with standard-error bars, each point labelled with its
-layer index, and the Spearman correlation in the title.
+Right, when the report has a proxy and a task measure (e.g. cosine and accuracy,
+see `prune.layer_report.main_pair`): a scatter of the proxy (log scale when all
+values are positive and spread) against the measured drop with standard-error
+bars, each point labelled with its layer index, and the Spearman correlation in
+the title. Labels, columns and colours come from the measure registry.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
-COLORS = {"cosine": "tab:blue", "accuracy": "tab:red", "perplexity": "tab:green"}
-FIELDS = {"cosine": "cosine", "accuracy": "accuracy_drop", "perplexity": "perplexity_increase"}
+# For measures that declare no colour of their own.
+PALETTE = ("tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
 
 
 def _rank_normalise(values: list[float | None]) -> list[float | None]:
@@ -33,76 +35,75 @@ def _rank_normalise(values: list[float | None]) -> list[float | None]:
 
 
 def plot_relevance(report: dict[str, Any]) -> bytes:
-    """Render the figure for a comparison report; returns PNG bytes."""
+    """Render the figure for a comparison report (prune.layer_report); returns PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from prune.layer_report import main_pair
+    from prune.measures import get_measure
+
     layers = report["layers"]
     index = [row["index"] for row in layers]
-    has_scatter = "cosine" in report["measures"] and "accuracy" in report["measures"]
+    block_size = report.get("block_size", 1)
+    pair = main_pair(report["measures"])
     fig, axes = plt.subplots(
         1,
-        2 if has_scatter else 1,
-        figsize=(13 if has_scatter else 8, 4.8),
-        gridspec_kw={"width_ratios": [1.6, 1]} if has_scatter else None,
+        2 if pair else 1,
+        figsize=(13 if pair else 8, 4.8),
+        gridspec_kw={"width_ratios": [1.6, 1]} if pair else None,
     )
-    ax = axes[0] if has_scatter else axes
-    for measure in report["measures"]:
-        values = _rank_normalise([row[FIELDS[measure]] for row in layers])
-        label = {
-            "cosine": "cosine (1 - cos)"
-            if report.get("block_size", 1) == 1
-            else "angular distance",
-            "accuracy": "accuracy drop",
-            "perplexity": "perplexity increase",
-        }[measure]
+    ax = axes[0] if pair else axes
+    spare = iter(PALETTE)
+    for name in report["measures"]:
+        measure = get_measure(name)
+        values = _rank_normalise([row.get(measure.column) for row in layers])
         pts = [(i, v) for i, v in zip(index, values, strict=True) if v is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.plot(
-                xs, ys, marker="o", ms=4, lw=1.6, color=COLORS[measure], label=label, alpha=0.85
-            )
+            color = measure.color or next(spare, None)
+            label = measure.label_for(block_size)
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.6, color=color, label=label, alpha=0.85)
     ax.set_xlabel("layer index")
     ax.set_ylabel("relevance rank (0 = least, 1 = most relevant)")
     ax.set_title(f"{report['model']}: per-layer relevance")
     ax.set_xticks(index if len(index) <= 32 else index[::2])
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=9)
-    if has_scatter:
-        sc = axes[1]
-        pts = [
-            (r["cosine"], r["accuracy_drop"], r["index"])
-            for r in layers
-            if r["cosine"] is not None and r["accuracy_drop"] is not None
-        ]
-        if pts:
-            xs, ys, ids = zip(*pts, strict=False)
-            errs = [
-                r["accuracy_drop_stderr"] or 0.0
-                for r in layers
-                if r["cosine"] is not None and r["accuracy_drop"] is not None
-            ]
-            sc.errorbar(
-                xs, ys, yerr=errs, fmt="o", color="tab:purple", ecolor="0.75", ms=5, capsize=0
-            )
-            for x, y, i in zip(xs, ys, ids, strict=False):
-                sc.annotate(str(i), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-        rho = (report.get("correlations") or {}).get("spearman", {}).get("rho")
-        sc.set_title(
-            "cosine vs accuracy drop" + (f" (Spearman rho = {rho:.2f})" if rho is not None else "")
-        )
-        sc.set_xlabel(
-            "cosine relevance (1 - cos)" if report.get("block_size", 1) == 1 else "angular distance"
-        )
-        sc.set_ylabel("accuracy drop (mean over tasks)")
-        sc.axhline(0, color="0.5", lw=0.8)
-        if pts and min(xs) > 0 and max(xs) / min(xs) > 20:
-            sc.set_xscale("log")
-        sc.grid(alpha=0.3)
+    if pair:
+        _scatter(axes[1], report, get_measure(pair[0]), get_measure(pair[1]))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _scatter(sc: Any, report: dict[str, Any], x: Any, y: Any) -> None:
+    """The proxy measure `x` against the measured `y`, one labelled point per layer, with
+    y's standard errors as bars and the report's Spearman correlation in the title."""
+    block_size = report.get("block_size", 1)
+    rows = [
+        r for r in report["layers"] if r.get(x.column) is not None and r.get(y.column) is not None
+    ]
+    xs = [r[x.column] for r in rows]
+    if rows:
+        ys = [r[y.column] for r in rows]
+        errs = [(r.get(y.stderr_column) if y.stderr_column else None) or 0.0 for r in rows]
+        sc.errorbar(xs, ys, yerr=errs, fmt="o", color="tab:purple", ecolor="0.75", ms=5, capsize=0)
+        for px, py, r in zip(xs, ys, rows, strict=True):
+            sc.annotate(
+                str(r["index"]), (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7
+            )
+    rho = (report.get("correlations") or {}).get("spearman", {}).get("rho")
+    sc.set_title(
+        f"{x.label_for(block_size)} vs {y.label}"
+        + (f" (Spearman rho = {rho:.2f})" if rho is not None else "")
+    )
+    sc.set_xlabel(x.label_for(block_size))
+    sc.set_ylabel(y.label + (" (mean over tasks)" if y.needs_tasks else ""))
+    sc.axhline(0, color="0.5", lw=0.8)
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
+        sc.set_xscale("log")
+    sc.grid(alpha=0.3)

@@ -1,138 +1,198 @@
 """Recipes: one YAML file that describes a whole `prune run`, loaded strictly.
 
 A recipe names the model, the calibration data, the ranking strategies, the
-stopping rule, the reporting tasks and the export/push settings. Loading it
-checks everything at once and reports *all* problems together, each with its
-path in the recipe (`prune.remove: must be < 30, got 31`), with "did you mean"
-for misspelt keys. Checks that need the model's depth use it when it can be
-read cheaply (a local config, a cached Hub config, an embedded model's cached
-config or GGUF header) and are repeated at run time once the model is loaded.
-The raw text is kept so it can be copied next to the results and into cards.
+stopping rule, the reporting tasks and the export/push settings. Loading reports
+*all* problems together, each with its path (`prune.remove: must be < 30, got 31`)
+and "did you mean" for misspelt keys, in two stages: the pydantic models give each
+key its type and default (strictly: a string is not a number, unknown keys are
+errors), and a value they reject is reported and dropped so its default stands in;
+`_check` then judges the values and how they fit together on that complete object,
+skipping paths already reported. Checks that need the model's depth use it when it
+can be read cheaply (a local config, a cached Hub config, an embedded model's cached
+config or GGUF header) and are repeated at run time once the model is loaded. The
+raw text is kept so it can be copied next to the results and into cards. Torch-free,
+like everything it imports.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib.util
 import json
 import re
-import types
-import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
+from prune import defaults
 from prune.errors import PruneError
-from prune.models import DEVICES, DTYPES
+from prune.hub import check_repo_id, repo_id_placeholders
+from prune.measures import get_measure, measure_names
+from prune.sizes import ACCEPTED as SIZES_ACCEPTED
+from prune.sizes import parse_size
+from prune.tasks import LOCAL_TASKS
 
-STRATEGIES = ("cosine", "accuracy", "perplexity")
-SCHEDULES = ("one-shot", "iterative")
-METRICS = ("acc", "acc_norm")
-ENGINES = ("auto", "fast", "lm-eval")
+# --- the schema: types and defaults --------------------------------------------------
 
 
-@dataclass
-class Calibration:
-    """Text used by the cosine and perplexity measures."""
+def _describe(value: Any) -> str:
+    """A value as it reads in YAML: `null`, `true`, `'two'`, `list`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    return repr(value)
+
+
+def _list_of(noun: str, split_text: bool = False) -> BeforeValidator:
+    """Require a list (of `noun`, for the message); with `split_text`, `"a,b"` means `[a, b]`."""
+
+    def check(value: Any) -> Any:
+        if split_text and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [part.strip() for part in str(value).split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise PydanticCustomError(
+                "list_of",
+                "must be a list of {noun}, got {got}",
+                {"noun": noun, "got": _describe(value)},
+            )
+        return value
+
+    return BeforeValidator(check)
+
+
+def _number_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+Text = Annotated[str, BeforeValidator(_number_as_text)]  # e.g. max_shard_size: 2000000
+Tasks = Annotated[list[Text], _list_of("strings", split_text=True)]
+
+
+class _Section(BaseModel):
+    """Strict (a string is not a number), no unknown keys; an empty section means defaults."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        return {} if data is None else data
+
+
+class Calibration(_Section):
+    """Text used by the measures that rank on calibration text (cosine, perplexity, ...)."""
 
     # None (or "default"): LAMBADA text from the data folder; else a .txt/.jsonl file or a dataset name
-    source: str | None = None
-    samples: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
+    source: Text | None = None
+    samples: int = defaults.CALIBRATION_SAMPLES
+    seq_len: int = defaults.CALIBRATION_SEQ_LEN
+    batch_size: int = defaults.CALIBRATION_BATCH_SIZE
 
 
-@dataclass
-class Strategy:
-    """One ranking strategy; task settings default to the `evaluation` section's."""
+class Strategy(_Section):
+    """One ranking strategy (a registered measure); task settings default to `evaluation`'s."""
 
-    name: str = ""
-    tasks: list[str] | None = None
+    name: Text = ""
+    tasks: Tasks | None = None
     limit: int | None = None
     num_fewshot: int | None = None
-    metric: str | None = None
+    metric: Text | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data  # "- cosine" shorthand
 
 
-@dataclass
-class Evaluation:
+class Evaluation(_Section):
     """The tasks used to *report* quality (and to check `max_drop`)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["local_arc_easy"])
+    tasks: Tasks = Field(default_factory=lambda: ["local_arc_easy"])
     limit: int | None = None
     num_fewshot: int = 0
-    metric: str | None = None
+    metric: Text | None = None
     batch_size: int | None = None
-    engine: str = "auto"
+    engine: Text = "auto"
 
 
-@dataclass
-class PruneSpec:
+class PruneSpec(_Section):
     """Which blocks go: the schedule and the stopping rule."""
 
-    schedule: str = "one-shot"
+    schedule: Text = "one-shot"
     remove: int | None = None
     keep: int | None = None
     fraction: float | None = None
     max_drop: float | None = None
-    protect: list[int] = field(default_factory=list)
+    protect: Annotated[list[int], _list_of("integers")] = Field(default_factory=list)
 
 
-@dataclass
-class Export:
+class Export(_Section):
     """Where the outputs go."""
 
-    out: str | None = None
-    max_shard_size: str = "2GB"
+    out: Text | None = None
+    max_shard_size: Text = defaults.DEFAULT_SHARD_SIZE
 
 
-@dataclass
-class Push:
+class Push(_Section):
     """Publishing to the Hub (off unless `enabled` or `--push`)."""
 
     enabled: bool = False
-    repo_id: str | None = None
+    repo_id: Text | None = None
     private: bool = False
-    publish: str = "best"
+    publish: Text = "best"
 
 
-@dataclass
-class Recipe:
-    """A validated recipe; `raw_text` is the file exactly as given."""
+class Settings(_Section):
+    """Everything a recipe file may say."""
 
-    model: str = ""
-    dtype: str = "auto"
-    device: str = "auto"
-    data_dir: str | None = None
-    seed: int = 1234
-    description: str | None = None
-    calibration: Calibration = field(default_factory=Calibration)
-    strategies: list[Strategy] = field(
-        default_factory=lambda: [Strategy("cosine"), Strategy("accuracy")]
+    model: Text = ""
+    dtype: Text = "auto"
+    device: Text = "auto"
+    data_dir: Text | None = None
+    seed: int = defaults.SEED
+    description: Text | None = None
+    calibration: Calibration = Field(default_factory=Calibration)
+    strategies: Annotated[list[Strategy], _list_of("mappings")] = Field(
+        default_factory=lambda: [Strategy(name=name) for name in defaults.DEFAULT_STRATEGIES]
     )
-    evaluation: Evaluation = field(default_factory=Evaluation)
-    prune: PruneSpec = field(default_factory=PruneSpec)
-    export: Export = field(default_factory=Export)
-    push: Push = field(default_factory=Push)
-    raw_text: str = field(default="", repr=False)
-    path: str | None = None
-    warnings: list[str] = field(default_factory=list, repr=False)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    export: Export = Field(default_factory=Export)
+    push: Push = Field(default_factory=Push)
 
     def strategy_names(self) -> list[str]:
         return [s.name for s in self.strategies]
 
+
+class Recipe(Settings):
+    """A validated recipe and where it came from; `raw_text` is the file exactly as given."""
+
+    raw_text: str = Field(default="", repr=False, exclude=True)
+    path: str | None = Field(default=None, exclude=True)
+    warnings: list[str] = Field(default_factory=list, repr=False, exclude=True)
+
     def to_dict(self) -> dict[str, Any]:
         """The effective settings (defaults filled in), JSON-ready."""
-        data = dataclasses.asdict(self)
-        for key in ("raw_text", "path", "warnings"):
-            data.pop(key)
-        return data
+        return self.model_dump()
 
 
-# Keys the user may write; the bookkeeping fields are not among them.
-_INTERNAL = {"raw_text", "path", "warnings"}
+# The model whose keys each section may use (for "did you mean").
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "calibration": Calibration,
+    "strategies": Strategy,
+    "evaluation": Evaluation,
+    "prune": PruneSpec,
+    "export": Export,
+    "push": Push,
+}
 
 
 class RecipeError(PruneError):
@@ -144,286 +204,297 @@ class RecipeError(PruneError):
         super().__init__(f"recipe '{source}' is invalid ({count}):\n  " + "\n  ".join(problems))
 
 
-# --- generic, type-driven loading -------------------------------------------------
+# --- stage one: types, with pydantic's errors in the recipe's words ----------------------
+
+_TYPE_NAMES = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "model_type": "a mapping",
+}
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        names = [_type_name(a) for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(names)
-    if origin is list:
-        item = typing.get_args(tp)[0]
-        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}.get(
-            item, "mappings"
-        )
-        return f"a list of {plural}"
-    if origin is Literal:
-        return " | ".join(map(str, typing.get_args(tp)))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
-        tp, str(tp)
-    )
+def _path(loc: Sequence[str | int]) -> str:
+    """`("strategies", 0, "name")` -> `strategies[0].name`."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
 
 
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (dict, list)):
-        return type(value).__name__
-    return repr(value)
+def _explain(error: dict[str, Any]) -> str:
+    """One `path: message` line for a pydantic error."""
+    loc, kind = error["loc"], error["type"]
+    if kind == "extra_forbidden":
+        known = list((Settings if len(loc) == 1 else _SECTIONS[loc[0]]).model_fields)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else f"known: {', '.join(known)}"
+        return f"{_path(loc)}: unknown key ({hint})"
+    if kind in _TYPE_NAMES:
+        return f"{_path(loc)}: must be {_TYPE_NAMES[kind]}, got {_describe(error['input'])}"
+    return f"{_path(loc)}: {error['msg']}"  # list_of, or anything unforeseen
 
 
-def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
-    """Check `value` against the annotation `tp`; return the converted value or None."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(args[0], value, path, errors)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item_tp is str:
-            value = [v.strip() for v in str(value).split(",") if v.strip()]  # "a,b" shorthand
-        if not isinstance(value, list):
-            errors.append(f"{path}: must be {_type_name(tp)}, got {_describe(value)}")
-            return None
-        items = [_convert(item_tp, v, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-        return [v for v in items if v is not None] if dataclasses.is_dataclass(item_tp) else items
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path, errors)
-    ok = (
-        (tp is bool and isinstance(value, bool))
-        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
-        or (tp is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (tp is str and isinstance(value, str))
-    )
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. max_shard_size: 2000000
-    if not ok:
-        errors.append(f"{path}: must be {_type_name(tp)}, got {_describe(value)}")
-        return None
-    return float(value) if tp is float else value
+def _position(data: Any, loc: Sequence[str | int]) -> list[int]:
+    """Where `loc` sits in the document, so problems are listed in reading order."""
+    place = []
+    for part in loc:  # every loc reported here was written by the user (no key is required)
+        place.append(list(data).index(part) if isinstance(data, dict) else part)
+        data = data[part]
+    return place
 
 
-def _build(cls: type, data: Any, path: str, errors: list[str]) -> Any:
-    """Build dataclass `cls` from a mapping, reporting unknown keys and bad types."""
-    if data is None:
-        data = {}
-    if cls is Strategy and isinstance(data, str):
-        data = {"name": data}  # "- cosine" shorthand
-    if not isinstance(data, dict):
-        errors.append(f"{path or 'recipe'}: must be a mapping, got {_describe(data)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(known)})"
-            errors.append(f"{where}: unknown key{hint}")
-            continue
-        converted = _convert(hints[key], value, where, errors)
-        if converted is not None or value is None:
-            kwargs[key] = converted
-    obj = cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
-    return obj
+def _text_keys(data: Any) -> Any:
+    """A copy whose keys are all text, as the schema's are (YAML also allows `1:` and `null:`)."""
+    if isinstance(data, dict):
+        return {str(key): _text_keys(value) for key, value in data.items()}
+    return [_text_keys(item) for item in data] if isinstance(data, list) else data
 
 
-def _optional(tp: Any) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
-        None
-    ) in typing.get_args(tp)
+@dataclass
+class _Dropped:
+    """What stage one reported and dropped, so stage two neither repeats nor misplaces it."""
+
+    paths: set[str] = field(default_factory=set)
+    entries: dict[str, list[int]] = field(default_factory=dict)  # list path -> indices in the file
+
+    def covers(self, path: str) -> bool:
+        """Whether `path` is, or lies inside, a path already reported."""
+        return any(path == p or path.startswith((f"{p}.", f"{p}[")) for p in self.paths)
+
+    def in_file(self, line: str) -> str:
+        """`line` with its list indices counted as in the file, dropped entries included."""
+        # Outer lists first: the paths of inner lists were recorded with file indices.
+        for path in sorted(self.entries, key=len):
+            match = re.match(rf"{re.escape(path)}\[(\d+)\]", line)
+            if match:
+                index = int(match[1])
+                for entry in sorted(self.entries[path]):
+                    index += entry <= index
+                line = f"{path}[{index}]{line[match.end() :]}"
+        return line
 
 
-# --- semantic checks ----------------------------------------------------------------
+def _validate(data: dict[str, Any]) -> tuple[Settings, list[str], _Dropped]:
+    """The settings, the problems in reading order, and what was dropped.
+
+    Every rejected value is dropped and the rest validated again, so its default stands in:
+    a complete object, for the checks that look across keys.
+    """
+    data = _text_keys(data)
+    try:
+        return Settings.model_validate(data), [], _Dropped()
+    except ValidationError as exc:
+        errors = sorted(exc.errors(), key=lambda e: _position(data, e["loc"]))
+    dropped = _Dropped()
+    for error in reversed(errors):  # last first, so list indices stay right
+        *parents, last = error["loc"]
+        holder = data
+        for part in parents:
+            holder = holder[part]
+        del holder[last]
+        dropped.paths.add(_path(error["loc"]))
+        if isinstance(last, int):
+            dropped.entries.setdefault(_path(parents), []).append(last)
+    return Settings.model_validate(data), [_explain(e) for e in errors], dropped
 
 
-def _choice(value: str | None, accepted: tuple[str, ...], path: str, errors: list[str]) -> None:
+# --- stage two: values, and how they fit together -------------------------------------
+
+
+def _choice(value: str | None, accepted: Sequence[str], path: str, problems: list[str]) -> None:
     if value is not None and value not in accepted:
-        close = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        errors.append(f"{path}: must be one of {', '.join(accepted)}, got '{value}'{hint}")
+        problems.append(f"{path}: {_not_one_of(value, accepted)}")
 
 
-def _positive(value: int | None, path: str, errors: list[str], minimum: int = 1) -> None:
+def _not_one_of(value: str, accepted: Sequence[str]) -> str:
+    close = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"must be one of {', '.join(accepted)}, got '{value}'{hint}"
+
+
+def _at_least(value: int | None, minimum: int, path: str, problems: list[str]) -> None:
     if value is not None and value < minimum:
-        errors.append(f"{path}: must be >= {minimum}, got {value}")
+        problems.append(f"{path}: must be >= {minimum}, got {value}")
 
 
-_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?", re.IGNORECASE)
-
-
-def _check_task_names(names: list[str | None], path: str, errors: list[str]) -> None:
+def _check_task_names(names: list[str], path: str, problems: list[str]) -> None:
     """Local task names are known without lm-eval; other names are checked at run time."""
-    from prune.tasks import LOCAL_TASKS
-
     for i, name in enumerate(names):
-        if name is not None and name.startswith("local_") and name not in LOCAL_TASKS:
+        if name.startswith("local_") and name not in LOCAL_TASKS:
             close = difflib.get_close_matches(name, list(LOCAL_TASKS), n=1, cutoff=0.6)
             hint = (
                 f"did you mean '{close[0]}'?" if close else f"local tasks: {', '.join(LOCAL_TASKS)}"
             )
-            errors.append(f"{path}[{i}]: unknown local task '{name}' ({hint})")
+            problems.append(f"{path}[{i}]: unknown local task '{name}' ({hint})")
 
 
-def _check(recipe: Recipe, depth: int | None, errors: list[str], warnings: list[str]) -> None:
-    """Ranges and contradictions; depth-dependent checks only when `depth` is known."""
+def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list[str], list[str]]:
+    """Problems and warnings: ranges, choices and contradictions, depth-dependent ones only
+    when `depth` is known; none where stage one already reported (and dropped) a value."""
+    problems: list[str] = []
+    warnings: list[str] = []
     if not recipe.model:
-        errors.append(
+        problems.append(
             "model: required (a Hub id, a checkpoint folder, a .gguf file or an embedded name)"
         )
-    _choice(recipe.dtype, DTYPES, "dtype", errors)
-    _choice(recipe.device, DEVICES, "device", errors)
+    _choice(recipe.dtype, defaults.DTYPES, "dtype", problems)
+    _choice(recipe.device, defaults.DEVICES, "device", problems)
 
     cal = recipe.calibration
-    _positive(cal.samples, "calibration.samples", errors)
-    _positive(cal.seq_len, "calibration.seq_len", errors, 2)
-    _positive(cal.batch_size, "calibration.batch_size", errors)
+    _at_least(cal.samples, 1, "calibration.samples", problems)
+    _at_least(cal.seq_len, 2, "calibration.seq_len", problems)
+    _at_least(cal.batch_size, 1, "calibration.batch_size", problems)
 
     ev = recipe.evaluation
     if not ev.tasks:
-        errors.append("evaluation.tasks: must name at least one task")
-    _positive(ev.limit, "evaluation.limit", errors)
-    _positive(ev.num_fewshot, "evaluation.num_fewshot", errors, 0)
-    _positive(ev.batch_size, "evaluation.batch_size", errors)
-    _choice(ev.metric, METRICS, "evaluation.metric", errors)
-    _choice(ev.engine, ENGINES, "evaluation.engine", errors)
-    _check_task_names(ev.tasks, "evaluation.tasks", errors)
+        problems.append("evaluation.tasks: must name at least one task")
+    _at_least(ev.limit, 1, "evaluation.limit", problems)
+    _at_least(ev.num_fewshot, 0, "evaluation.num_fewshot", problems)
+    _at_least(ev.batch_size, 1, "evaluation.batch_size", problems)
+    _choice(ev.metric, defaults.METRICS, "evaluation.metric", problems)
+    _choice(ev.engine, defaults.ENGINES, "evaluation.engine", problems)
+    _check_task_names(ev.tasks, "evaluation.tasks", problems)
 
+    _check_strategies(recipe, problems, warnings)
+
+    pr = recipe.prune
+    _choice(pr.schedule, defaults.SCHEDULES, "prune.schedule", problems)
+    # A rule whose value was rejected still counts as given.
+    rules = ("remove", "keep", "fraction", "max_drop")
+    given = [k for k in rules if getattr(pr, k) is not None or f"prune.{k}" in dropped.paths]
+    targets = [k for k in given if k != "max_drop"]
+    if len(targets) > 1:
+        problems.append(
+            f"prune: give only one of remove, keep, fraction (got {' and '.join(targets)})"
+        )
+    if not given:
+        problems.append("prune: give a stopping rule: remove, keep or fraction, and/or max_drop")
+    _at_least(pr.remove, 1, "prune.remove", problems)
+    _at_least(pr.keep, 1, "prune.keep", problems)
+    if pr.fraction is not None and not 0 < pr.fraction < 1:
+        problems.append(f"prune.fraction: must be between 0 and 1 (exclusive), got {pr.fraction:g}")
+    if pr.max_drop is not None and not 0 <= pr.max_drop <= 1:
+        problems.append(
+            f"prune.max_drop: must be between 0 and 1 (a drop in accuracy), got {pr.max_drop:g}"
+        )
+    if len(set(pr.protect)) != len(pr.protect):
+        problems.append(f"prune.protect: lists a layer twice: {pr.protect}")
+    if depth is not None:
+        problems.extend(_depth_problems(pr, depth))
+
+    size = recipe.export.max_shard_size
+    try:
+        parse_size(size)  # the export parses it again with the same function
+    except PruneError:
+        problems.append(f"export.max_shard_size: must be {SIZES_ACCEPTED}, got '{size}'")
+
+    _check_push(recipe, problems)
+    problems = [dropped.in_file(line) for line in problems]
+    return [line for line in problems if not dropped.covers(line.split(":", 1)[0])], warnings
+
+
+def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]) -> None:
+    names = measure_names()
     if not recipe.strategies:
-        errors.append(f"strategies: must list at least one of {', '.join(STRATEGIES)}")
+        problems.append(f"strategies: must list at least one of {', '.join(names)}")
+    task_users = [n for n in names if get_measure(n).needs_tasks]
+    uses = "strategy uses" if len(task_users) == 1 else "strategies use"
+    report_tasks = recipe.evaluation.tasks
     seen: set[str] = set()
     for i, strat in enumerate(recipe.strategies):
         where = f"strategies[{i}]"
         if not strat.name:
-            errors.append(f"{where}.name: required (one of {', '.join(STRATEGIES)})")
+            problems.append(f"{where}.name: required (one of {', '.join(names)})")
             continue
-        if strat.name not in STRATEGIES:
-            close = difflib.get_close_matches(strat.name, STRATEGIES, n=1, cutoff=0.5)
+        known = strat.name in names
+        if not known:
+            close = difflib.get_close_matches(strat.name, names, n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append(
-                f"{where}.name: unknown strategy '{strat.name}'{hint}; accepted: {', '.join(STRATEGIES)}"
+            problems.append(
+                f"{where}.name: unknown strategy '{strat.name}'{hint}; accepted: {', '.join(names)}"
             )
         if strat.name in seen:
-            errors.append(f"{where}.name: strategy '{strat.name}' is listed twice")
+            problems.append(f"{where}.name: strategy '{strat.name}' is listed twice")
         seen.add(strat.name)
-        if strat.name != "accuracy":
+        needs_tasks = known and get_measure(strat.name).needs_tasks
+        if known and not needs_tasks:
             for key in ("tasks", "num_fewshot", "metric"):
                 if getattr(strat, key) is not None:
-                    errors.append(
-                        f"{where}.{key}: only the accuracy strategy uses tasks; '{strat.name}' ranks on the calibration text"
+                    problems.append(
+                        f"{where}.{key}: only the {' and '.join(task_users)} {uses} tasks; '{strat.name}' ranks on the calibration text"
                     )
-        _positive(strat.limit, f"{where}.limit", errors)
-        _positive(strat.num_fewshot, f"{where}.num_fewshot", errors, 0)
-        _choice(strat.metric, METRICS, f"{where}.metric", errors)
-        _check_task_names(strat.tasks or [], f"{where}.tasks", errors)
-        if strat.name == "accuracy" and strat.tasks is not None and not strat.tasks:
-            errors.append(
+        _at_least(strat.limit, 1, f"{where}.limit", problems)
+        _at_least(strat.num_fewshot, 0, f"{where}.num_fewshot", problems)
+        _choice(strat.metric, defaults.METRICS, f"{where}.metric", problems)
+        _check_task_names(strat.tasks or [], f"{where}.tasks", problems)
+        if needs_tasks and strat.tasks is not None and not strat.tasks:
+            problems.append(
                 f"{where}.tasks: must name at least one task (or leave it out to rank on evaluation.tasks)"
             )
-        if strat.name == "accuracy" and set(strat.tasks or ev.tasks) & set(ev.tasks):
-            shared = sorted(set(strat.tasks or ev.tasks) & set(ev.tasks))
+        shared = sorted(set(strat.tasks or report_tasks) & set(report_tasks))
+        if needs_tasks and shared:
             warnings.append(
                 f"{where}: ranks on the reporting task(s) {', '.join(shared)}: the reported scores of its "
                 "variant are optimistic (set strategies[].tasks to tasks not in evaluation.tasks)"
             )
 
-    pr = recipe.prune
-    _choice(pr.schedule, SCHEDULES, "prune.schedule", errors)
-    targets = [k for k in ("remove", "keep", "fraction") if getattr(pr, k) is not None]
-    if len(targets) > 1:
-        errors.append(
-            f"prune: give only one of remove, keep, fraction (got {' and '.join(targets)})"
-        )
-    flagged = {e.split(":", 1)[0] for e in errors}
-    if (
-        not targets
-        and pr.max_drop is None
-        and not flagged & {f"prune.{k}" for k in ("remove", "keep", "fraction", "max_drop")}
-    ):
-        errors.append("prune: give a stopping rule: remove, keep or fraction, and/or max_drop")
-    _positive(pr.remove, "prune.remove", errors)
-    _positive(pr.keep, "prune.keep", errors)
-    if pr.fraction is not None and not 0 < pr.fraction < 1:
-        errors.append(f"prune.fraction: must be between 0 and 1 (exclusive), got {pr.fraction:g}")
-    if pr.max_drop is not None and not 0 <= pr.max_drop <= 1:
-        errors.append(
-            f"prune.max_drop: must be between 0 and 1 (a drop in accuracy), got {pr.max_drop:g}"
-        )
-    if len(set(pr.protect)) != len(pr.protect):
-        errors.append(f"prune.protect: lists a layer twice: {pr.protect}")
-    if depth is not None:
-        _check_depth(pr, depth, errors)
 
-    ex = recipe.export
-    if not _SIZE.fullmatch(str(ex.max_shard_size).strip()):
-        errors.append(
-            f"export.max_shard_size: must be a size like 2GB or 500MB, got '{ex.max_shard_size}'"
-        )
-
+def _check_push(recipe: Settings, problems: list[str]) -> None:
     pu = recipe.push
-    accepted = ("best", "all", *recipe.strategy_names())
-    _choice(pu.publish, tuple(dict.fromkeys(accepted)), "push.publish", errors)
-    if pu.repo_id is not None:
-        from prune.hub import check_repo_id, repo_id_placeholders
+    accepted = tuple(dict.fromkeys(("best", "all", *recipe.strategy_names())))
+    _choice(pu.publish, accepted, "push.publish", problems)
+    if pu.repo_id is None:
+        if pu.enabled:
+            problems.append("push.repo_id: required when push.enabled is true")
+        return
+    try:
+        placeholders = repo_id_placeholders(pu.repo_id)
+        check_repo_id(pu.repo_id.replace("{strategy}", "cosine").replace("{layers}", "24"))
+    except PruneError as exc:
+        placeholders = set()
+        problems.append(f"push.repo_id: {exc}")
+    if pu.publish == "all" and "strategy" not in placeholders and len(recipe.strategies) > 1:
+        problems.append(
+            "push.publish: 'all' pushes every strategy's variant, so push.repo_id needs a {strategy} placeholder"
+        )
 
-        try:
-            names = repo_id_placeholders(pu.repo_id)
-            check_repo_id(pu.repo_id.replace("{strategy}", "cosine").replace("{layers}", "24"))
-        except PruneError as exc:
-            names = set()
-            errors.append(f"push.repo_id: {exc}")
-        if pu.publish == "all" and "strategy" not in names and len(recipe.strategies) > 1:
-            errors.append(
-                "push.publish: 'all' pushes every strategy's variant, so push.repo_id needs a {strategy} placeholder"
-            )
-    elif pu.enabled:
-        errors.append("push.repo_id: required when push.enabled is true")
 
-
-def _check_depth(pr: PruneSpec, depth: int, errors: list[str]) -> None:
+def _depth_problems(pr: PruneSpec, depth: int) -> list[str]:
     """Checks that need the model's number of layers."""
+    problems = []
     protected: set[int] = set()
     for i, idx in enumerate(pr.protect):
-        if idx is None:
-            continue
         if not -depth <= idx < depth:
-            errors.append(
+            problems.append(
                 f"prune.protect[{i}]: must be in 0..{depth - 1} (or -{depth}..-1), got {idx}"
             )
         else:
             protected.add(idx % depth)
     free = depth - len(protected)
     if free <= 1 and pr.protect:
-        errors.append(
+        problems.append(
             f"prune.protect: protects {len(protected)} of {depth} layers, so none can be removed"
         )
-        return
+        return problems
     if pr.remove is not None:
         if pr.remove >= depth:
-            errors.append(f"prune.remove: must be < {depth}, got {pr.remove}")
+            problems.append(f"prune.remove: must be < {depth}, got {pr.remove}")
         elif pr.remove > free - 1 and protected:
-            errors.append(
+            problems.append(
                 f"prune.remove: must be <= {free - 1} ({depth} layers, {len(protected)} protected, one must remain), got {pr.remove}"
             )
     if pr.keep is not None:
         if pr.keep >= depth:
-            errors.append(
+            problems.append(
                 f"prune.keep: must be < {depth} (the model has {depth} layers), got {pr.keep}"
             )
         elif pr.keep < max(1, len(protected)):
-            errors.append(f"prune.keep: must be >= {max(1, len(protected))}, got {pr.keep}")
-    if pr.fraction is not None and 0 < pr.fraction < 1:
-        count = target_removals(pr, depth)
-        if count < 1:
-            errors.append(f"prune.fraction: {pr.fraction:g} of {depth} layers removes none")
+            problems.append(f"prune.keep: must be >= {max(1, len(protected))}, got {pr.keep}")
+    if pr.fraction is not None and 0 < pr.fraction < 1 and target_removals(pr, depth) < 1:
+        problems.append(f"prune.fraction: {pr.fraction:g} of {depth} layers removes none")
+    return problems
 
 
 def target_removals(pr: PruneSpec, depth: int) -> int | None:
@@ -470,20 +541,19 @@ def _gguf_depth(path: Path) -> int | None:
 
 def model_depth(spec: str) -> int | None:
     """The model's number of blocks when it can be read without loading weights, else None."""
-    from prune.models import EMBEDDED, cache_root
-
-    if spec in EMBEDDED:
-        stem = Path(EMBEDDED[spec].filename).stem
-        cached = sorted((cache_root() / "gguf").glob(f"{stem}-*/config.json"))
+    if spec in defaults.EMBEDDED:
+        entry = defaults.EMBEDDED[spec]
+        stem = Path(entry.filename).stem
+        cached = sorted((defaults.cache_root() / "gguf").glob(f"{stem}-*/config.json"))
         if cached:
             return _read_config(cached[-1])
         # Read the GGUF header only where the file is already on disk (never assemble it here).
-        spec_info = importlib.util.find_spec(EMBEDDED[spec].package)
+        spec_info = importlib.util.find_spec(entry.package)
         for folder in (spec_info.submodule_search_locations or []) if spec_info else []:
-            shipped = Path(folder) / EMBEDDED[spec].filename
+            shipped = Path(folder) / entry.filename
             if shipped.is_file():
                 return _gguf_depth(shipped)
-        assembled = cache_root() / "embedded" / EMBEDDED[spec].filename
+        assembled = defaults.cache_root() / "embedded" / entry.filename
         return _gguf_depth(assembled) if assembled.is_file() else None
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -513,29 +583,23 @@ def parse_recipe(
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(source, [f"not valid YAML{where}: {problem}"]) from None
-    errors: list[str] = []
     if not isinstance(data, dict):
         raise RecipeError(source, [f"recipe: must be a mapping of settings, got {_describe(data)}"])
-    recipe = _build(Recipe, data, "", errors)
-    if "strategies" not in data:
-        recipe.strategies = [Strategy("cosine"), Strategy("accuracy")]
-    if depth is None and resolve_depth and isinstance(recipe.model, str) and recipe.model:
-        depth = model_depth(recipe.model)
-    warnings: list[str] = []
-    _check(recipe, depth, errors, warnings)
-    if errors:
-        raise RecipeError(source, errors)
-    recipe.raw_text = text
-    recipe.path = source
-    recipe.warnings = warnings
-    return recipe
+    settings, problems, dropped = _validate(data)
+    if depth is None and resolve_depth and settings.model:
+        depth = model_depth(settings.model)
+    checks, warnings = _check(settings, depth, dropped)
+    problems += checks
+    if problems:
+        raise RecipeError(source, problems)
+    return Recipe.model_construct(**dict(settings), raw_text=text, path=source, warnings=warnings)
 
 
 def load_recipe(path: str | Path, depth: int | None = None, resolve_depth: bool = True) -> Recipe:
     """Read and validate a recipe file; the raw text is kept in `recipe.raw_text`."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode()  # exactly as written (no newline translation)
     except FileNotFoundError:
         raise PruneError(f"recipe file '{path}' not found") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -545,21 +609,14 @@ def load_recipe(path: str | Path, depth: int | None = None, resolve_depth: bool 
 
 def check_depth(recipe: Recipe, depth: int) -> None:
     """Re-run the depth checks once the model is loaded (raises RecipeError)."""
-    errors: list[str] = []
-    _check_depth(recipe.prune, depth, errors)
-    if errors:
-        raise RecipeError(recipe.path or "<recipe>", errors)
+    problems = _depth_problems(recipe.prune, depth)
+    if problems:
+        raise RecipeError(recipe.path or "<recipe>", problems)
 
 
 def apply_overrides(recipe: Recipe, **overrides: Any) -> tuple[Recipe, dict[str, Any]]:
     """Apply CLI overrides (`out`, `limit`, `device`, `push`) to a copy; returns it and what changed."""
-    new = dataclasses.replace(
-        recipe,
-        evaluation=dataclasses.replace(recipe.evaluation),
-        strategies=[dataclasses.replace(s) for s in recipe.strategies],
-        export=dataclasses.replace(recipe.export),
-        push=dataclasses.replace(recipe.push),
-    )
+    new = recipe.model_copy(deep=True)
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
         if value is None:
@@ -572,10 +629,11 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> tuple[Recipe, dict[str,
                 raise PruneError(f"--limit must be >= 1, got {value}")
             new.evaluation.limit = value
             for strat in new.strategies:
-                if strat.name == "accuracy":
+                if get_measure(strat.name).needs_tasks:
                     strat.limit = value
         elif key == "device":
-            _choice_or_raise(value, DEVICES, "--device")
+            if value not in defaults.DEVICES:
+                raise PruneError(f"--device: {_not_one_of(value, defaults.DEVICES)}")
             new.device = value
         elif key == "push":
             new.push.enabled = bool(value)
@@ -586,11 +644,6 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> tuple[Recipe, dict[str,
         else:
             raise PruneError(f"unknown override '{key}'")
     return new, applied
-
-
-def _choice_or_raise(value: str, accepted: tuple[str, ...], what: str) -> None:
-    if value not in accepted:
-        raise PruneError(f"{what}: must be one of {', '.join(accepted)}, got '{value}'")
 
 
 def summarize_recipe(recipe: Recipe) -> list[str]:
@@ -611,10 +664,10 @@ def summarize_recipe(recipe: Recipe) -> list[str]:
         rule.append(f"stop before the mean score drops more than {pr.max_drop:g}")
     strategies = []
     for strat in recipe.strategies:
-        if strat.name == "accuracy":
+        if get_measure(strat.name).needs_tasks:
             tasks = ",".join(strat.tasks or recipe.evaluation.tasks)
             limit = strat.limit or recipe.evaluation.limit
-            strategies.append(f"accuracy on {tasks}" + (f" (limit {limit})" if limit else ""))
+            strategies.append(f"{strat.name} on {tasks}" + (f" (limit {limit})" if limit else ""))
         else:
             strategies.append(
                 f"{strat.name} on {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens"

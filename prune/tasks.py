@@ -9,6 +9,9 @@ so `task_manager` renders the templates with the absolute data path into
 
 The data folder is, in order: the `data_dir` argument (`--data-dir`), the
 `PRUNE_DATA_DIR` environment variable, or `../shared/data` beside the checkout.
+
+Importing this module loads neither torch nor lm-eval (recipe validation reads
+`LOCAL_TASKS`); lm-eval is imported when a task manager is first built.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from prune.atomic import atomic_folder
+from prune.defaults import cache_root
 from prune.errors import PruneError
-from prune.models import cache_root
 
 TEMPLATES = Path(__file__).with_name("tasks")
 PLACEHOLDER = "@DATA_DIR@"
@@ -80,16 +83,10 @@ def render_local_tasks(data_dir: Path) -> Path:
     target = cache_root() / "tasks" / digest
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    for name, text in rendered.items():
-        (tmp / name).write_text(text)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process rendered the same folder first
-        for child in tmp.iterdir():
-            child.unlink()
-        tmp.rmdir()
+    # Another process may render the same folder first: the contents are equal, keep either.
+    with atomic_folder(target, keep_existing=True) as tmp:
+        for name, text in rendered.items():
+            (tmp / name).write_text(text)
     return target
 
 

@@ -17,15 +17,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def _restore_progress_bars(monkeypatch):
-    """`prune -q` turns progress bars off process-wide; turn them back on after each test."""
-    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # restored to its old state afterwards
+def _restore_progress_bars():
+    """`prune -q` turns library progress bars off process-wide; turn them back on after each test."""
     yield
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()
     enable_progress_bars()
+    if "datasets" in sys.modules:  # only a command that may read a dataset turned its bars off
+        from datasets.utils.logging import enable_progress_bar
+
+        enable_progress_bar()
 
 
 @pytest.fixture

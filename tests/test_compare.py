@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from prune.cli import cli
-from prune.compare import correlations, overlaps
+from prune.layer_report import correlations, overlaps
 
 
 @pytest.fixture(autouse=True)

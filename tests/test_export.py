@@ -13,12 +13,14 @@ from safetensors import safe_open
 from tiny import save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
+import prune.atomic
 import prune.export
 from prune import __version__
 from prune.cli import cli
 from prune.errors import PruneError
-from prune.export import drop_and_export, export_checkpoint, parse_shard_size
+from prune.export import drop_and_export, export_checkpoint
 from prune.models import load_model
+from prune.sizes import parse_size
 from prune.surgery import drop_layers
 
 IDS = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -167,14 +169,14 @@ def test_failed_final_rename_puts_the_old_folder_back(tiny_dir, tmp_path, monkey
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    real_replace = prune.export.os.replace
+    real_replace = prune.atomic.os.replace
 
     def flaky_replace(src, dst):
         if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):  # the final move
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(prune.export.os, "replace", flaky_replace)
+    monkeypatch.setattr(prune.atomic.os, "replace", flaky_replace)
     with pytest.raises(PruneError, match="cannot write output folder .*No space left on device"):
         drop_and_export(str(tiny_dir), [1], out, overwrite=True)
     monkeypatch.undo()
@@ -214,16 +216,70 @@ def test_dtype_option_sets_the_saved_dtype(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("2GB", 2 * 10**9), ("20KB", 20_000), ("5MiB", 5 * 2**20), ("1234", 1234), (64, 64)],
+    [
+        ("2GB", 2 * 10**9),
+        ("20KB", 20_000),
+        ("5MiB", 5 * 2**20),
+        ("1.5GB", 1_500_000_000),
+        ("2TB", 2 * 10**12),
+        ("1234", 1234),
+        (64, 64),
+    ],
 )
-def test_parse_shard_size(text, expected):
-    assert parse_shard_size(text) == expected
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["abc", "0", "-1KB", "1.5GB", ""])
-def test_parse_shard_size_rejects(text):
-    with pytest.raises(PruneError, match="bad --max-shard-size value"):
-        parse_shard_size(text)
+@pytest.mark.parametrize("text", ["abc", "0", "-1KB", "2XB", ""])
+def test_parse_size_rejects(text):
+    with pytest.raises(PruneError, match=r"bad size .*accepted: a size like 2GB"):
+        parse_size(text)
+
+
+def _record_shard_size(loaded, monkeypatch) -> list:
+    """Record the `max_shard_size` that transformers' save_pretrained receives."""
+    seen = []
+    real = loaded.model.save_pretrained
+
+    def save_pretrained(folder, **kwargs):
+        seen.append(kwargs.get("max_shard_size"))
+        return real(folder, **kwargs)
+
+    monkeypatch.setattr(loaded.model, "save_pretrained", save_pretrained)
+    return seen
+
+
+def test_fractional_shard_size_exports_one_file(tiny_dir, tmp_path, monkeypatch):
+    """transformers cannot parse "1.5GB" itself: it gets the byte count."""
+    loaded = load_model(str(tiny_dir))
+    seen = _record_shard_size(loaded, monkeypatch)
+    removal = drop_layers(loaded.model, [1])
+    out = export_checkpoint(loaded, tmp_path / "out", removal.removed, 4, max_shard_size="1.5GB")
+    assert seen == [1_500_000_000]
+    assert (out / "model.safetensors").exists()
+    assert not list(out.glob("model-*.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded.model), rtol=0, atol=0)
+
+
+def test_byte_count_shard_size_shards(tiny_dir, tmp_path, monkeypatch):
+    loaded = load_model(str(tiny_dir))
+    seen = _record_shard_size(loaded, monkeypatch)
+    removal = drop_layers(loaded.model, [1])
+    out = export_checkpoint(loaded, tmp_path / "out", removal.removed, 4, max_shard_size=20_000)
+    assert seen == [20_000]
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(loaded.model), rtol=0, atol=0)
+
+
+def test_drop_accepts_fractional_and_terabyte_shard_sizes(tiny_dir, tmp_path):
+    for size in ("1.5GB", "2TB"):
+        out = tmp_path / size
+        result = _drop(str(tiny_dir), "--layers", "1", "--out", str(out), "--max-shard-size", size)
+        assert result.exit_code == 0, result.output
+        assert (out / "model.safetensors").exists()
 
 
 # --- prune info ---------------------------------------------------------------------

@@ -22,17 +22,11 @@ import pytest
 import torch
 from tiny import CONFIGS, byte_tokenizer, tiny_model
 
-from prune.errors import PruneError
-from prune.evaluate import EvalSettings, LmEvalRunner, evaluate_removals
-from prune.fasteval import (
-    FastEngine,
-    FastEvaluator,
-    Request,
-    _without_env_info,
-    attention_windows,
-    close_calls,
-    plan_batches,
-)
+from prune.errors import FastEngineUnsupported, PruneError
+from prune.evaluate.engine import FastEngine, Request, attention_windows, plan_batches
+from prune.evaluate.harness import FastEvaluator, LmEvalRunner, _without_env_info, close_calls
+from prune.evaluate.removals import evaluate_removals
+from prune.evaluate.settings import EvalSettings
 from prune.surgery import layers_removed
 
 MODEL_TYPES = ("llama", "gemma3_text")
@@ -416,8 +410,11 @@ def test_auto_falls_back_to_lm_eval_where_fast_cannot(tmp_path):
         model=tiny_model("llama", 4, seed=0), tokenizer=byte_tokenizer(), source=None
     )
     settings = EvalSettings(tasks=("t_rolling",), include_path=str(tmp_path))
-    with pytest.raises(PruneError, match="use --engine lm-eval"):
+    with pytest.raises(FastEngineUnsupported, match="rolling perplexity") as refused:
         evaluate_removals(loaded, settings, [(1,)], engine="fast", progress=False)
+    assert refused.value.reason == str(refused.value)
+    # The library names no CLI flag; the CLI adds the hint.
+    assert "--engine" not in refused.value.reason
     auto = evaluate_removals(loaded, settings, [(), (1,)], engine="auto", progress=False)
     reference = evaluate_removals(loaded, settings, [(), (1,)], engine="lm-eval", progress=False)
     assert [s["t_rolling"].value for s in auto] == [s["t_rolling"].value for s in reference]

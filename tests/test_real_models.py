@@ -17,7 +17,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from prune.cli import cli
-from prune.models import EMBEDDED, file_sha256, gguf_checkpoint, resolve_source
+from prune.defaults import EMBEDDED
+from prune.models import file_sha256, gguf_checkpoint, resolve_source
 
 pytestmark = pytest.mark.slow
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from click.testing import CliRunner
 
 from prune.cli import cli
 from prune.errors import PruneError
+from prune.measures import measure_names
 from prune.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe, target_removals
+from prune.sizes import parse_size
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 GOOD = "model: smollm2-135m\nprune: {remove: 6}\n"
@@ -176,7 +179,8 @@ def test_all_problems_are_reported_together():
     assert info.value.problems == [
         "dtyp: unknown key (did you mean 'dtype'?)",
         "prune.protec: unknown key (did you mean 'protect'?)",
-        "strategies[0].name: unknown strategy 'cosin' (did you mean 'cosine'?); accepted: cosine, accuracy, perplexity",
+        "strategies[0].name: unknown strategy 'cosin' (did you mean 'cosine'?); accepted: "
+        + ", ".join(measure_names()),
         "prune.remove: must be < 30, got 31",
     ]
     assert str(info.value).startswith("recipe 'r.yaml' is invalid (4 problems):")
@@ -229,3 +233,139 @@ def test_missing_recipe_file(tmp_path):
     result = CliRunner().invoke(cli, ["validate", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1
     assert "Error: recipe file" in result.output and "not found" in result.output
+
+
+def test_a_rejected_key_does_not_hide_the_other_checks_of_its_section():
+    text = "model: m\nprune: {remove: 40, schedule: 5, protec: [0]}\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml", depth=30)
+    assert info.value.problems == [
+        "prune.protec: unknown key (did you mean 'protect'?)",
+        "prune.schedule: must be one of one-shot, iterative, got '5'",
+        "prune.remove: must be < 30, got 40",
+    ]
+    with pytest.raises(RecipeError) as info:
+        parse_recipe("model: m\nprune: {remove: two, keep: 3}\n", "r.yaml", depth=30)
+    assert info.value.problems == [
+        "prune.remove: must be an integer, got 'two'",
+        "prune: give only one of remove, keep, fraction (got remove and keep)",
+    ]
+
+
+def test_entries_after_a_rejected_one_keep_their_place_in_the_file():
+    text = "model: m\nstrategies: [5, cosin]\nprune: {remove: 2, protect: [0, a, 40]}\n"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml", depth=30)
+    assert info.value.problems == [
+        "strategies[0]: must be a mapping, got 5",
+        "prune.protect[1]: must be an integer, got 'a'",
+        "strategies[1].name: unknown strategy 'cosin' (did you mean 'cosine'?); accepted: "
+        + ", ".join(measure_names()),
+        "prune.protect[2]: must be in 0..29 (or -30..-1), got 40",
+    ]
+
+
+def test_unknown_keys_list_the_known_ones_and_bookkeeping_is_not_a_key():
+    with pytest.raises(RecipeError) as info:
+        parse_recipe("model: m\nraw_text: x\nprune: {remove: 2, xyzzy: 1}\n", depth=30)
+    assert info.value.problems == [
+        "raw_text: unknown key (known: model, dtype, device, data_dir, seed, description, "
+        "calibration, strategies, evaluation, prune, export, push)",
+        "prune.xyzzy: unknown key (known: schedule, remove, keep, fraction, max_drop, protect)",
+    ]
+
+
+def test_types_are_strict_but_numbers_stand_for_text_and_floats():
+    recipe = parse_recipe(
+        "model: 123\nprune: {fraction: 0.25, max_drop: 1}\nexport: {max_shard_size: 2000000}\n",
+        depth=30,
+    )
+    assert recipe.model == "123" and recipe.export.max_shard_size == "2000000"
+    assert isinstance(recipe.prune.max_drop, float) and recipe.prune.max_drop == 1.0
+    with pytest.raises(RecipeError) as info:
+        parse_recipe("model: m\nseed: '1'\nprune: {remove: 2.0, protect: [0, x]}\n", depth=30)
+    assert info.value.problems == [
+        "seed: must be an integer, got '1'",
+        "prune.remove: must be an integer, got 2.0",
+        "prune.protect[1]: must be an integer, got 'x'",
+    ]
+
+
+def test_settings_keep_their_json_shape():
+    recipe = parse_recipe(GOOD, depth=30)
+    settings = json.loads(json.dumps(recipe.to_dict()))
+    assert list(settings) == [
+        "model", "dtype", "device", "data_dir", "seed", "description",
+        "calibration", "strategies", "evaluation", "prune", "export", "push",
+    ]  # fmt: skip
+    assert settings["strategies"] == [
+        {"name": n, "tasks": None, "limit": None, "num_fewshot": None, "metric": None}
+        for n in ("cosine", "accuracy")
+    ]
+    assert settings["calibration"] == {
+        "source": None,
+        "samples": 64,
+        "seq_len": 256,
+        "batch_size": 8,
+    }
+    assert settings["export"] == {"out": None, "max_shard_size": "2GB"}
+    assert settings["prune"]["remove"] == 6 and settings["prune"]["protect"] == []
+
+
+def test_every_registered_measure_is_a_strategy():
+    names = ", ".join(measure_names())
+    recipe = parse_recipe(f"model: m\nstrategies: [{names}]\nprune: {{remove: 2}}\n", depth=30)
+    assert recipe.strategy_names() == list(measure_names())
+    with pytest.raises(RecipeError, match=r"strategies\[0\]\.tasks: only the accuracy strategy"):
+        parse_recipe(
+            "model: m\nstrategies: [{name: angular, tasks: [local_piqa]}]\nprune: {remove: 2}\n",
+            depth=30,
+        )
+
+
+# (as written in the recipe, bytes)
+SHARD_SIZES = [
+    ("1.5GB", 1_500_000_000),
+    ("2TB", 2 * 10**12),
+    ("500MiB", 500 * 2**20),
+    ("2000000", 2_000_000),
+    (2000000, 2_000_000),
+    ("1 kib", 2**10),
+]
+
+
+@pytest.mark.parametrize(("size", "expected"), SHARD_SIZES, ids=lambda s: str(s))
+def test_a_shard_size_validate_accepts_is_what_the_export_parses(size, expected, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: m\nprune: {{remove: 2}}\nexport: {{max_shard_size: {size}}}\n")
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output
+    assert parse_size(load_recipe(path).export.max_shard_size) == expected
+
+
+def test_every_shard_size_that_validates_parses_to_positive_bytes():
+    accepted = 0
+    for number in ("0", "1", "1.5", "0.0001", "2000000", "-1"):
+        for unit in ("", "B", "kb", "MiB", " GB", "TiB", "XB", "bytes"):
+            text = f"model: m\nprune: {{remove: 2}}\nexport: {{max_shard_size: '{number}{unit}'}}\n"
+            try:
+                recipe = parse_recipe(text, depth=30)
+            except RecipeError as exc:
+                assert exc.problems == [
+                    f"export.max_shard_size: must be a size like 2GB, 500MB or 1.5GiB (units B, KB, "
+                    f"MB, GB, TB, KiB, MiB, GiB, TiB) or a number of bytes, above 0, got '{number}{unit}'"
+                ]
+                continue
+            assert parse_size(recipe.export.max_shard_size) > 0
+            accepted += 1
+    assert accepted == 3 * 6 + 3  # 1, 1.5, 2000000 with each real unit; 0.0001 in MiB, GB, TiB
+
+
+@pytest.mark.parametrize("size", ["0GB", "2XB", "lots"])
+def test_a_bad_shard_size_fails_validation_naming_it(size, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"model: m\nprune: {{remove: 2}}\nexport: {{max_shard_size: {size}}}\n")
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 1
+    assert "export.max_shard_size: must be a size like 2GB, 500MB or 1.5GiB" in result.output
+    assert f"got '{size}'" in result.output and "Traceback" not in result.output

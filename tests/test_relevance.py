@@ -10,16 +10,16 @@ import torch
 from test_tasks import _loglik
 from tiny import byte_tokenizer, tiny_model
 
-import prune.evaluate as evaluate_mod
+import prune.evaluate.removals as removals_mod
 from prune.errors import PruneError
-from prune.evaluate import EvalSettings, ResultCache, TaskScore, evaluate_removals, perplexity
+from prune.evaluate.cache import ResultCache, model_fingerprint
+from prune.evaluate.perplexity import perplexity
+from prune.evaluate.removals import evaluate_removals
+from prune.evaluate.settings import EvalSettings, TaskScore
+from prune.measures.accuracy import accuracy_relevance, halving_rounds
+from prune.measures.cosine import cosine_relevance
+from prune.measures.perplexity import perplexity_relevance
 from prune.models import LoadedModel
-from prune.relevance import (
-    accuracy_relevance,
-    cosine_relevance,
-    halving_rounds,
-    perplexity_relevance,
-)
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -166,7 +166,7 @@ def test_accuracy_identity_block_drops_exactly_zero_and_destroyer_is_most_releva
 
 
 class FakeEngine:
-    """Stands in for prune.fasteval: score = number of layers left; records each call."""
+    """Stands in for the fast engine: score = number of layers left; records each call."""
 
     def __init__(self) -> None:
         self.calls: list[list[tuple[int, ...]]] = []
@@ -190,8 +190,8 @@ class FakeEngine:
 @pytest.fixture
 def fake_engine(monkeypatch):
     engine = FakeEngine()
-    monkeypatch.setattr(evaluate_mod, "_fast_engine", lambda: engine)
-    monkeypatch.setattr(evaluate_mod, "_task_names", lambda s: list(s.tasks))
+    monkeypatch.setattr(removals_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(removals_mod, "_task_names", lambda s: list(s.tasks))
     return engine
 
 
@@ -255,8 +255,8 @@ class HalvingEngine(FakeEngine):
 
 def test_successive_halving_keeps_the_least_relevant_to_the_end(monkeypatch):
     engine = HalvingEngine()
-    monkeypatch.setattr(evaluate_mod, "_fast_engine", lambda: engine)
-    monkeypatch.setattr(evaluate_mod, "_task_names", lambda s: list(s.tasks))
+    monkeypatch.setattr(removals_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(removals_mod, "_task_names", lambda s: list(s.tasks))
     loaded = _loaded(tiny_model("llama", 8))
     settings = EvalSettings(tasks=("a",), limit=64)
     ranking = accuracy_relevance(loaded, settings, engine="fast", progress=False, halving=2)
@@ -309,11 +309,11 @@ def test_lm_eval_cached_and_uncached_agree(tmp_path, data_dir):
 
 def test_fingerprint_changes_with_weights_and_layers():
     model = tiny_model("llama", 3)
-    before = evaluate_mod.model_fingerprint(_loaded(model))
-    assert evaluate_mod.model_fingerprint(_loaded(model)) == before
+    before = model_fingerprint(_loaded(model))
+    assert model_fingerprint(_loaded(model)) == before
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.mul_(2)
-    assert evaluate_mod.model_fingerprint(_loaded(model)) != before
+    assert model_fingerprint(_loaded(model)) != before
 
 
 def test_perplexity_matches_model_loss_and_relevance(tmp_path):
@@ -336,7 +336,7 @@ def test_perplexity_matches_model_loss_and_relevance(tmp_path):
 def test_fast_perplexity_equals_the_plain_forward(tmp_path, model_type):
     """The fast engine's perplexity of every candidate matches `perplexity` with the blocks
     really removed; the cache keeps the two paths' entries apart and serves a repeat."""
-    import prune.fasteval as fasteval_mod
+    import prune.evaluate.engine as engine_mod
 
     model, tok = tiny_model(model_type, 4, seed=7), byte_tokenizer()
     loaded, cache = _loaded(model), ResultCache(tmp_path)
@@ -351,19 +351,19 @@ def test_fast_perplexity_equals_the_plain_forward(tmp_path, model_type):
     for f, p in zip(fast.scores, plain.scores, strict=True):  # perplexities of ~250: compare them
         assert f.score + fast.baseline == pytest.approx(p.score + plain.baseline, rel=1e-5)
     calls = []
-    original = fasteval_mod.perplexities
-    fasteval_mod.perplexities = lambda *a, **k: calls.append(a) or original(*a, **k)
+    original = engine_mod.perplexities
+    engine_mod.perplexities = lambda *a, **k: calls.append(a) or original(*a, **k)
     try:
         again = perplexity_relevance(loaded, TEXTS, seq_len=48, cache=cache, progress=False)
     finally:
-        fasteval_mod.perplexities = original
+        engine_mod.perplexities = original
     assert calls == [] and [s.score for s in again.scores] == [s.score for s in fast.scores]
 
 
 def test_plain_perplexity_resumes_after_interruption(tmp_path, monkeypatch):
     """The per-candidate path caches each perplexity as it finishes: Ctrl-C loses only the
     candidate in flight."""
-    import prune.relevance as relevance_mod
+    import prune.evaluate.perplexity as ppl_mod
 
     loaded, cache = _loaded(tiny_model("llama", 3, seed=8)), ResultCache(tmp_path)
     calls = []
@@ -374,7 +374,7 @@ def test_plain_perplexity_resumes_after_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return perplexity(*args, **kwargs)
 
-    monkeypatch.setattr(relevance_mod, "perplexity", counting)
+    monkeypatch.setattr(ppl_mod, "perplexity", counting)
     run = dict(seq_len=32, cache=cache, progress=False, engine="lm-eval")
     with pytest.raises(KeyboardInterrupt):
         perplexity_relevance(loaded, TEXTS, **run)
@@ -385,14 +385,12 @@ def test_plain_perplexity_resumes_after_interruption(tmp_path, monkeypatch):
 
 
 def test_cosine_ranking_is_cached(tmp_path, monkeypatch):
-    import prune.relevance as relevance_mod
+    import prune.measures.cosine as cosine_mod
 
     loaded = _loaded(tiny_model("llama", 3, seed=7))
     cache = ResultCache(tmp_path)
-    first = relevance_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
-    monkeypatch.setattr(
-        relevance_mod, "cosine_relevance", lambda *a, **k: pytest.fail("not cached")
-    )
-    again = relevance_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
+    first = cosine_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
+    monkeypatch.setattr(cosine_mod, "cosine_relevance", lambda *a, **k: pytest.fail("not cached"))
+    again = cosine_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
     assert again.order() == first.order()
     assert [s.score for s in again.scores] == [s.score for s in first.scores]

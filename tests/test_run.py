@@ -114,13 +114,14 @@ def test_existing_output_is_refused_then_resumed_from_the_cache(
 
     # a resumed run evaluates nothing new: every score comes from the cache
     entries = sorted((shared_cache / "results").rglob("*.json"))
-    import prune.evaluate
+    import prune.evaluate.harness
+    import prune.evaluate.removals
 
     def no_eval(*args, **kwargs):
         raise AssertionError("evaluated a model although every result is cached")
 
-    monkeypatch.setattr(prune.evaluate, "_fast_engine", lambda: no_eval)
-    monkeypatch.setattr(prune.evaluate, "LmEvalRunner", no_eval)
+    monkeypatch.setattr(prune.evaluate.removals, "_fast_engine", lambda: no_eval)
+    monkeypatch.setattr(prune.evaluate.harness, "LmEvalRunner", no_eval)
     result = _run(recipe, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     assert sorted((shared_cache / "results").rglob("*.json")) == entries

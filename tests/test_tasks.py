@@ -9,7 +9,8 @@ import torch
 from tiny import byte_tokenizer, tiny_model
 
 from prune.errors import PruneError
-from prune.evaluate import EvalSettings, evaluate
+from prune.evaluate.removals import evaluate
+from prune.evaluate.settings import EvalSettings
 from prune.tasks import LOCAL_TASKS, TEMPLATES, resolve_task_names, task_manager
 
 

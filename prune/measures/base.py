@@ -1,0 +1,218 @@
+"""The contract between the measures and their callers.
+
+What a relevance measure declares (`Measure`), what it is asked (`RankRequest`),
+what it returns (`Ranking` of `LayerScore`s), and the successive-halving schedule
+that per-layer measures may follow (`halving_rounds`). Torch-free: the registry,
+the CLI and the recipe checks import this.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prune.defaults import CALIBRATION_BATCH_SIZE, CALIBRATION_SEQ_LEN
+from prune.errors import PruneError
+
+
+@dataclass
+class LayerScore:
+    """The relevance of one block (or of the span `index .. index+span-1`); higher = matters more."""
+
+    index: int
+    score: float
+    stderr: float | None = None
+    span: int = 1
+    per_task: dict[str, float] = field(default_factory=dict)
+    per_task_stderr: dict[str, float | None] = field(default_factory=dict)
+    # Documents per task behind the score when successive halving dropped this block
+    # early (an estimate); None = every document the settings name.
+    documents: int | None = None
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The blocks this score is about."""
+        return tuple(range(self.index, self.index + self.span))
+
+
+@dataclass
+class Ranking:
+    """Scores of one measure for the blocks of a model, under the model's original indices.
+
+    `baseline` is what the scores are measured against: task scores (a dict of
+    `TaskScore`), a number (the base perplexity) or None.
+    """
+
+    measure: str  # the measure that produced it ("angular" for cosine over spans)
+    scores: list[LayerScore]
+    num_layers: int
+    baseline: dict[str, Any] | float | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def order(self) -> list[int]:
+        """Block (span start) indices, least relevant first; ties keep the lower index first.
+        After successive halving, blocks measured on every document come first, then those
+        dropped in later rounds before those dropped earlier (they looked more relevant)."""
+
+        def key(s: LayerScore) -> tuple:
+            return (-(math.inf if s.documents is None else s.documents), s.score, s.index)
+
+        return [s.index for s in sorted(self.scores, key=key)]
+
+    def by_index(self) -> dict[int, LayerScore]:
+        """Scores keyed by block (span start) index."""
+        return {s.index: s for s in self.scores}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (also the cached form of a cosine ranking)."""
+        base = self.baseline
+        if isinstance(base, dict):
+            base = {k: v.to_dict() for k, v in base.items()}
+        return {
+            "measure": self.measure,
+            "num_layers": self.num_layers,
+            "baseline": base,
+            "settings": self.settings,
+            "order": self.order(),
+            "layers": [asdict(s) for s in self.scores],
+        }
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """Everything a measure may need to rank the blocks of one loaded model.
+
+    `texts` are calibration texts (measures that `needs_texts`), `settings` the
+    evaluation settings (measures that `needs_tasks`, an `EvalSettings`). `layers`
+    limits the per-layer measures to these block (span start) indices, given as
+    original indices. `removed` lists original block indices already taken out
+    (the iterative schedule): the measure ranks the remaining blocks and returns
+    their scores under original indices. `halving` turns on successive halving
+    (measures that accept it).
+    """
+
+    loaded: Any
+    texts: Sequence[str] | None = None
+    settings: Any = None  # EvalSettings | None (prune.evaluate.settings)
+    seq_len: int = CALIBRATION_SEQ_LEN
+    batch_size: int = CALIBRATION_BATCH_SIZE
+    block_size: int = 1
+    layers: Sequence[int] | None = None
+    engine: str = "auto"
+    cache: Any = None  # ResultCache | None (prune.evaluate.cache)
+    progress: bool = True
+    halving: int | None = None
+    removed: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "removed", tuple(sorted({int(i) for i in self.removed})))
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One relevance measure, as the registry knows it.
+
+    `ranker(request)` returns a `Ranking`; call `rank(request)`, which first checks
+    that the request carries what the measure needs. In report rows the measure's
+    score is `column` and its standard error `<column>_stderr` (unless `stderr` is
+    False); `documents_column` and `per_task_column` name optional extra columns
+    (successive-halving document counts, per-task scores). `digits` is how many
+    decimals tables show. `needs_texts` / `needs_tasks` say what the caller must
+    supply; `per_layer` measures cost one evaluation per block (so `layers` and
+    `engine` apply to them); `halving` measures accept successive halving.
+    `span_label` replaces `label` when blocks are scored in spans (block_size > 1).
+    """
+
+    name: str
+    label: str
+    column: str
+    description: str
+    ranker: Callable[[RankRequest], Ranking]
+    needs_texts: bool = False
+    needs_tasks: bool = False
+    per_layer: bool = False
+    halving: bool = False
+    stderr: bool = True
+    documents_column: str | None = None
+    per_task_column: str | None = None
+    digits: int = 4
+    span_label: str | None = None
+    color: str | None = None
+    order: int = 100
+
+    @property
+    def stderr_column(self) -> str | None:
+        """The report key of the score's standard error, if the measure has one."""
+        return f"{self.column}_stderr" if self.stderr else None
+
+    def label_for(self, block_size: int = 1) -> str:
+        """The label of tables and figures for blocks scored in spans of `block_size`."""
+        return self.span_label if block_size > 1 and self.span_label else self.label
+
+    def columns(self, score: LayerScore | None) -> dict[str, Any]:
+        """This measure's cells of one report row (None everywhere when `score` is None)."""
+        row: dict[str, Any] = {self.column: None if score is None else _finite(score.score)}
+        if self.stderr_column:
+            row[self.stderr_column] = None if score is None else score.stderr
+        if self.documents_column:
+            row[self.documents_column] = None if score is None else score.documents
+        if self.per_task_column:
+            row[self.per_task_column] = None if score is None else score.per_task
+        return row
+
+    def check(self, request: RankRequest) -> None:
+        """PruneError when `request` lacks what this measure needs or asks what it cannot do."""
+        if self.needs_texts and not request.texts:
+            raise PruneError(f"the {self.name} measure needs calibration texts")
+        if self.needs_tasks and request.settings is None:
+            raise PruneError(
+                f"the {self.name} measure needs evaluation tasks (e.g. local_arc_easy)"
+            )
+        if request.halving is not None and not self.halving:
+            raise PruneError(
+                f"successive halving does not apply to the {self.name} measure (it applies to "
+                "measures that evaluate tasks once per block, such as accuracy)"
+            )
+        if request.removed and request.block_size > 1:
+            raise PruneError(
+                f"block size {request.block_size} with blocks already removed is not supported "
+                "(accepted: block size 1 when ranking what remains)"
+            )
+
+    def rank(self, request: RankRequest) -> Ranking:
+        """Check `request`, then rank the blocks (see `RankRequest`)."""
+        self.check(request)
+        return self.ranker(request)
+
+
+def _finite(x: float | None) -> float | None:
+    """None for NaN and infinities (JSON has neither)."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+# Documents per task in the first round of successive halving (fewer make drops too noisy).
+HALVING_MIN_DOCUMENTS = 16
+
+
+def halving_rounds(limit: int | None, halving: int | None) -> list[int]:
+    """Documents per task in each round: `limit` halved until one more halving would go below
+    HALVING_MIN_DOCUMENTS, smallest first (e.g. 200 -> [25, 50, 100, 200]); `[limit]` without
+    halving."""
+    if halving is None:
+        return [limit]  # type: ignore[list-item]
+    if isinstance(halving, bool) or not isinstance(halving, int) or halving < 1:
+        raise PruneError(
+            f"halving {halving!r} is invalid (accepted: the number of least relevant blocks to "
+            "measure on every document, an integer >= 1)"
+        )
+    if limit is None:
+        raise PruneError(
+            "successive halving needs a document limit (--limit N): the last round uses N "
+            "documents per task, earlier rounds N/2, N/4, ..."
+        )
+    rounds = [limit]
+    while rounds[0] // 2 >= HALVING_MIN_DOCUMENTS:
+        rounds.insert(0, math.ceil(rounds[0] / 2))
+    return rounds

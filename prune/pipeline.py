@@ -1,0 +1,468 @@
+"""`prune run RECIPE` as a pipeline of named steps, for every ranking strategy side by side.
+
+    prepare -> baseline -> rank -> remove -> export -> report -> publish
+
+- prepare: read and validate the recipe (all problems, before any model is loaded),
+  apply the CLI overrides, check the output folder and the task names, load the model.
+- baseline: score the full model on the reporting tasks.
+- rank: each strategy's measure ranks the blocks of the full model.
+- remove: greedy removal per strategy (`prune.greedy`), re-evaluating after every
+  step; the iterative schedule re-ranks the slimmed model each time.
+- export: one checkpoint per strategy, with a model card comparing all of them.
+- report: comparison.json / comparison.md, relevance.png, recipe.yaml.
+- publish: push the chosen variants to the Hub when asked.
+
+Every evaluation goes through `evaluate_removals` on the *full* model with
+original layer indices, so results are cached on disk under one key per (model,
+removed set, task, settings): strategies share evaluations, an interrupted run
+resumes from the cache and a re-run is quick. Variants are written atomically;
+comparison.json is written last, so its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prune.atomic import write_file
+from prune.errors import PruneError
+from prune.recipe import (
+    Recipe,
+    apply_overrides,
+    check_depth,
+    default_out,
+    load_recipe,
+    target_removals,
+)
+
+log = logging.getLogger(__name__)
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class RunResult:
+    """What `run_recipe` produced: the output folder, the comparison record and the variant folders."""
+
+    out: Path
+    comparison: dict[str, Any]
+    variants: dict[str, Path] = field(default_factory=dict)
+    pushed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """The state the steps pass along: what the user asked for, then what each step produced."""
+
+    recipe_path: Path
+    cli: dict[str, Any]  # CLI overrides as given: out, limit, device, push
+    overwrite: bool
+    resume: bool
+    progress: bool
+    echo: Echo
+    recipe: Recipe | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    out: Path | None = None
+    loaded: Any = None
+    depth: int = 0
+    cache: Any = None
+    report_settings: Any = None
+    texts: list[str] | None = None
+    total_params: int = 0
+    block_params: list[int] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)  # task -> TaskScore of the full model
+    rankings: dict[str, Any] = field(default_factory=dict)  # strategy -> full-model Ranking
+    results: dict[str, Any] = field(default_factory=dict)  # strategy -> GreedyResult
+    comparison: dict[str, Any] = field(default_factory=dict)
+    figure: bytes | None = None
+    variants: dict[str, Path] = field(default_factory=dict)
+    pushed: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> str:
+        return self.recipe.evaluation.engine
+
+    def params(self, removed: tuple[int, ...]) -> int:
+        """Parameters left with the `removed` blocks (original indices) taken out."""
+        return self.total_params - sum(self.block_params[i] for i in removed)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def eval_settings(recipe: Recipe, strategy: Any | None = None) -> Any:
+    """EvalSettings for the reporting tasks, or for a strategy's ranking tasks (its own
+    task settings where it gives them, the evaluation section's otherwise)."""
+    from prune.evaluate.settings import EvalSettings
+
+    ev = recipe.evaluation
+
+    def pick(key: str) -> Any:
+        own = getattr(strategy, key, None) if strategy is not None else None
+        return own if own is not None else getattr(ev, key)
+
+    tasks = strategy.tasks if strategy is not None and strategy.tasks else ev.tasks
+    kwargs = {} if ev.batch_size is None else {"batch_size": ev.batch_size}
+    return EvalSettings(
+        tasks=tuple(tasks),
+        limit=pick("limit"),
+        num_fewshot=pick("num_fewshot"),
+        task_metric=pick("metric"),
+        data_dir=recipe.data_dir,
+        seed=recipe.seed,
+        **kwargs,
+    )
+
+
+def _evaluate(run: Run, settings: Any, candidates: list[tuple[int, ...]], progress: bool) -> list:
+    from prune.evaluate.removals import evaluate_removals
+
+    return evaluate_removals(
+        run.loaded,
+        settings,
+        candidates,
+        engine=run.engine,
+        cache=run.cache,
+        progress=progress and run.progress,
+    )
+
+
+def _texts(run: Run) -> list[str]:
+    """The calibration texts, read once on first use."""
+    if run.texts is None:
+        from prune.calibration import load_calibration
+
+        cal = run.recipe.calibration
+        source = None if cal.source in (None, "default") else cal.source
+        run.texts = load_calibration(source, samples=cal.samples, data_dir=run.recipe.data_dir)
+    return run.texts
+
+
+def _rank(run: Run, strategy: Any, removed: tuple[int, ...]) -> Any:
+    """The strategy's ranking of the blocks left after `removed` (original indices throughout)."""
+    from prune.measures import get_measure
+    from prune.measures.base import RankRequest
+
+    measure = get_measure(strategy.name)
+    cal = run.recipe.calibration
+    request = RankRequest(
+        loaded=run.loaded,
+        texts=_texts(run) if measure.needs_texts else None,
+        settings=eval_settings(run.recipe, strategy) if measure.needs_tasks else None,
+        seq_len=cal.seq_len,
+        batch_size=cal.batch_size,
+        engine=run.engine,
+        cache=run.cache,
+        progress=run.progress,
+        removed=removed,
+    )
+    return measure.rank(request)
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def prepare(run: Run) -> None:
+    """Recipe, overrides, output folder and task names (all before loading), then the model."""
+    from prune.evaluate.cache import ResultCache
+    from prune.models import load_model
+    from prune.summary import count_parameters
+    from prune.surgery import count_layers, locate_layers
+    from prune.tasks import resolve_task_names, task_manager
+
+    recipe = load_recipe(run.recipe_path)
+    run.recipe, run.overrides = apply_overrides(recipe, **run.cli)
+    run.out = Path(run.recipe.export.out or default_out(run.recipe))
+    _check_out(run.out, run.overwrite, run.resume)
+    for warning in run.recipe.warnings:
+        run.echo(f"Warning: {warning}")
+    names = list(run.recipe.evaluation.tasks)
+    for strategy in run.recipe.strategies:
+        names += list(strategy.tasks or [])
+    names = list(dict.fromkeys(names))
+    resolve_task_names(names, task_manager(run.recipe.data_dir, None, names))
+
+    run.echo(f"loading {run.recipe.model}")
+    run.loaded = load_model(run.recipe.model, dtype=run.recipe.dtype, device=run.recipe.device)
+    run.depth = count_layers(run.loaded.model)
+    check_depth(run.recipe, run.depth)
+    # An old comparison would describe a finished run; it is written again at the end.
+    for name in ("comparison.json", "comparison.md"):
+        (run.out / name).unlink(missing_ok=True)
+    run.cache = ResultCache()
+    run.report_settings = eval_settings(run.recipe)
+    run.total_params = count_parameters(run.loaded.model)
+    run.block_params = [count_parameters(b) for b in locate_layers(run.loaded.model).layers]
+
+
+def baseline(run: Run) -> None:
+    """Score the full model on the reporting tasks."""
+    tasks = ", ".join(run.recipe.evaluation.tasks)
+    run.echo(f"baseline evaluation on {tasks} ({run.engine} engine)")
+    run.baseline = _evaluate(run, run.report_settings, [()], progress=False)[0]
+
+
+def rank(run: Run) -> None:
+    """Each strategy ranks the blocks of the full model."""
+    for strategy in run.recipe.strategies:
+        run.echo(f"[{strategy.name}] ranking the {run.depth} blocks")
+        start = time.perf_counter()
+        run.rankings[strategy.name] = _rank(run, strategy, ())
+        run.timings[f"rank_{strategy.name}"] = time.perf_counter() - start
+
+
+def remove(run: Run) -> None:
+    """Greedy removal per strategy, re-evaluating the reporting tasks after every step."""
+    from prune.greedy import greedy_prune
+
+    pr = run.recipe.prune
+    target = target_removals(pr, run.depth)
+    base_scores = {t: s.value for t, s in run.baseline.items()}
+
+    def score(removed: tuple[int, ...]) -> dict[str, float]:
+        result = _evaluate(run, run.report_settings, [removed], progress=False)[0]
+        return {t: s.value for t, s in result.items()}
+
+    def prefetch(candidates: list[tuple[int, ...]]) -> None:
+        # The steps a one-shot schedule will take, in one batch (the fast engine shares work).
+        _evaluate(run, run.report_settings, candidates, progress=True)
+
+    for strategy in run.recipe.strategies:
+        name = strategy.name
+        run.echo(f"[{name}] removing blocks ({pr.schedule})")
+        start = time.perf_counter()
+        bar = _bar(target or run.depth - 1, f"{name}: greedy removal", run.progress)
+
+        def relevance(removed: tuple[int, ...], strategy: Any = strategy) -> dict[int, float]:
+            ranking = run.rankings[strategy.name] if not removed else _rank(run, strategy, removed)
+            return {s.index: s.score for s in ranking.scores}
+
+        def on_step(step: Any, bar: Any = bar) -> None:
+            if step.step:
+                bar.update(1)
+                bar.set_postfix_str(f"layer {step.removed_layer}, mean {step.mean_score:.3f}")
+
+        try:
+            run.results[name] = greedy_prune(
+                run.depth,
+                relevance,
+                score,
+                schedule=pr.schedule,
+                target=target,
+                max_drop=pr.max_drop,
+                protect=pr.protect,
+                count_params=run.params,
+                baseline=base_scores,
+                on_step=on_step,
+                prefetch=prefetch if target is not None else None,
+            )
+        finally:
+            bar.close()
+        run.timings[f"remove_{name}"] = time.perf_counter() - start
+
+
+def export(run: Run) -> None:
+    """Build the comparison record, then write one checkpoint per strategy with its card."""
+    from prune.card import render_card
+    from prune.export import export_checkpoint
+    from prune.layer_report import build_report
+    from prune.plot import plot_relevance
+    from prune.report import build_comparison
+    from prune.surgery import drop_layers, restore_layers
+
+    relevance = build_report(run.loaded.source.spec, run.rankings, {}) if run.rankings else {}
+    run.comparison = build_comparison(
+        recipe=run.recipe,
+        loaded=run.loaded,
+        depth=run.depth,
+        parameters=run.total_params,
+        report_settings=run.report_settings,
+        base_scores=run.baseline,
+        results=run.results,
+        relevance=relevance,
+        overrides=run.overrides,
+        engine=run.engine,
+    )
+    run.figure = plot_relevance(relevance) if relevance else None
+    recipe_text = run.recipe.raw_text
+    for name, result in run.results.items():
+        folder = run.out / "variants" / name
+        removed = sorted(result.removed)
+        if run.resume and _variant_done(folder, removed, run.loaded):
+            run.variants[name] = folder
+            continue
+        card = render_card(
+            run.comparison,
+            name,
+            recipe_text=recipe_text,
+            figure="relevance.png" if run.figure else None,
+            repo_id=_repo_for(run.recipe, name, run.depth - len(removed)),
+        )
+        files: dict[str, str | bytes] = {"README.md": card, "recipe.yaml": recipe_text}
+        if run.figure:
+            files["relevance.png"] = run.figure
+        removal = drop_layers(run.loaded.model, removed) if removed else None
+        try:
+            export_checkpoint(
+                run.loaded,
+                folder,
+                removed,
+                run.depth,
+                overwrite=True,
+                max_shard_size=run.recipe.export.max_shard_size,
+                extra={
+                    "strategy": name,
+                    "schedule": result.schedule,
+                    "removal_order": result.removed,
+                    "history": [s.to_dict() for s in result.history],
+                },
+                files=files,
+            )
+        finally:
+            if removal is not None:
+                restore_layers(run.loaded.model, removal)
+        run.variants[name] = folder
+    variants_dir = run.out / "variants"
+    if run.overwrite and variants_dir.is_dir():
+        for folder in variants_dir.iterdir():
+            if folder.name not in run.variants and not folder.name.startswith("."):
+                shutil.rmtree(folder, ignore_errors=True)  # a strategy the recipe no longer runs
+
+
+def report(run: Run) -> None:
+    """recipe.yaml, relevance.png, comparison.md, then comparison.json (last: the run is done)."""
+    from prune.report import render_comparison
+
+    write_file(run.out / "recipe.yaml", run.recipe.raw_text)
+    if run.figure:
+        write_file(run.out / "relevance.png", run.figure)
+    run.comparison["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
+    run.comparison["variants"] = {k: str(v.relative_to(run.out)) for k, v in run.variants.items()}
+    write_file(run.out / "comparison.md", render_comparison(run.comparison))
+    _write_comparison(run)
+
+
+def publish(run: Run) -> None:
+    """Push the chosen variants (all checked before the first upload) when the recipe asks.
+
+    `publish: all` pushes every variant; a strategy name pushes that one; `best` pushes
+    every variant when the repo id has a {strategy} placeholder (one repo each) and
+    otherwise only the variant with the best re-evaluated mean score.
+    """
+    from prune import hub
+
+    push = run.recipe.push
+    if not push.enabled:
+        return
+    if push.publish == "all" or (push.publish == "best" and "{strategy}" in (push.repo_id or "")):
+        chosen = list(run.variants)
+    else:
+        chosen = [run.comparison["best"] if push.publish == "best" else push.publish]
+    layers = {n: run.comparison["strategies"][n]["final"]["layers"] for n in chosen}
+    pushes = [(run.variants[n], _repo_for(run.recipe, n, layers[n])) for n in chosen]
+    for folder, repo_id in pushes:
+        run.echo(f"pushing {folder} to {repo_id}")
+    try:
+        results = hub.push_many(pushes, private=push.private)
+    except PruneError as exc:
+        raise PruneError(
+            f"{exc} (the outputs in {run.out} are complete; retry with "
+            f"`prune push {run.out}/variants/<strategy> --repo-id ...`)"
+        ) from exc
+    run.pushed = {name: result.url for name, result in zip(chosen, results, strict=True)}
+    run.comparison["pushed"] = run.pushed
+    _write_comparison(run)
+
+
+STEPS: tuple[Callable[[Run], None], ...] = (
+    prepare,
+    baseline,
+    rank,
+    remove,
+    export,
+    report,
+    publish,
+)
+
+
+def run_recipe(
+    recipe_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    limit: int | None = None,
+    device: str | None = None,
+    push: bool | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    echo: Echo | None = None,
+) -> RunResult:
+    """Run a recipe end to end, step by step (see the module docstring)."""
+    run = Run(
+        recipe_path=Path(recipe_path),
+        cli={"out": out, "limit": limit, "device": device, "push": push},
+        overwrite=overwrite,
+        resume=resume,
+        progress=progress,
+        echo=echo or log.info,
+    )
+    started = time.perf_counter()
+    for step in STEPS:
+        if step is report:  # the record's timings cover everything before it is written
+            run.timings["total"] = time.perf_counter() - started
+        t0 = time.perf_counter()
+        step(run)
+        run.timings[step.__name__] = time.perf_counter() - t0
+    return RunResult(run.out, run.comparison, run.variants, run.pushed)
+
+
+# --------------------------------------------------------------------------- small parts
+
+
+def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise PruneError(
+            "--overwrite and --resume exclude each other (overwrite starts over, resume continues)"
+        )
+    if out.exists() and not out.is_dir():
+        raise PruneError(f"output '{out}' exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
+        raise PruneError(
+            f"output folder '{out}' exists and is not empty (pass --overwrite to start over, "
+            "or --resume to continue from the evaluation cache)"
+        )
+
+
+def _write_comparison(run: Run) -> None:
+    write_file(run.out / "comparison.json", json.dumps(run.comparison, indent=2) + "\n")
+
+
+def _variant_done(folder: Path, removed: list[int], loaded: Any) -> bool:
+    """A variant from an interrupted run can be kept when it removed the same layers of the same model."""
+    try:
+        record = json.loads((folder / "prune.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        record.get("removed_layers") == removed and record.get("source") == loaded.source.to_dict()
+    )
+
+
+def _repo_for(recipe: Recipe, strategy: str, layers: int) -> str | None:
+    """The recipe's repo id with {strategy} and {layers} (the layers kept) filled in."""
+    from prune.hub import render_repo_id
+
+    return render_repo_id(recipe.push.repo_id, strategy, layers) if recipe.push.repo_id else None

@@ -1,0 +1,177 @@
+"""The record of a `prune run` (comparison.json) and its readable report (comparison.md).
+
+`build_comparison` turns what the pipeline produced (baseline scores, each
+strategy's greedy result, the full-model rankings) into one JSON-ready mapping;
+everything a card or the report shows is read from it, so every number printed
+matches the JSON. `render_comparison` composes comparison.md from the same
+section builders as the model cards (`prune.card`), plus the headline table and
+the timings. Pure functions: no model, no disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from prune import __version__
+from prune.card import comparison_sections
+
+
+def _strategy_record(result: Any, baseline: Mapping[str, float]) -> dict[str, Any]:
+    """One strategy's part of the record, from its `GreedyResult`."""
+    final = result.final
+    return {
+        "schedule": result.schedule,
+        "removed": list(result.removed),
+        "removed_sorted": sorted(result.removed),
+        "stop_reason": result.stop_reason,
+        "ranking": {str(k): v for k, v in sorted(result.rankings[0].items())}
+        if result.rankings
+        else {},
+        "rankings": len(result.rankings),
+        "history": [s.to_dict() for s in result.history],
+        "rejected": result.rejected.to_dict() if result.rejected else None,
+        "final": {
+            "layers": final.layers_left,
+            "params": final.params,
+            "scores": final.scores,
+            "mean": final.mean_score,
+            "drop": final.drop,
+            "retained": {
+                t: (final.scores[t] / baseline[t] if baseline.get(t) else None)
+                for t in final.scores
+            },
+        },
+    }
+
+
+def build_comparison(
+    *,
+    recipe: Any,
+    loaded: Any,
+    depth: int,
+    parameters: int,
+    report_settings: Any,
+    base_scores: Mapping[str, Any],
+    results: Mapping[str, Any],
+    relevance: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    engine: str,
+) -> dict[str, Any]:
+    """The JSON record of a run (see the module docstring).
+
+    `base_scores` maps task -> TaskScore of the full model; `results` strategy ->
+    GreedyResult; `relevance` is the per-layer report of the full-model rankings
+    (`prune.layer_report.build_report`, empty when nothing was ranked).
+    """
+    baseline = {t: s.value for t, s in base_scores.items()}
+    strategies = {name: _strategy_record(result, baseline) for name, result in results.items()}
+    names = list(results)
+    pairs = relevance.get("pairs", {})
+    overlap = None
+    if len(names) == 2:
+        sa, sb = set(results[names[0]].removed), set(results[names[1]].removed)
+        overlap = len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+    best = max(
+        names, key=lambda n: (strategies[n]["final"]["mean"], -strategies[n]["final"]["layers"])
+    )
+    source = loaded.source
+    return {
+        "prune_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe_file": "recipe.yaml",
+        "overrides": dict(overrides),
+        "settings": recipe.to_dict(),
+        "warnings": list(recipe.warnings),
+        "engine": engine,
+        "model": {
+            "spec": source.spec,
+            "hub_id": source.hub_id,
+            "license": source.license,
+            "source": source.to_dict(),
+            "model_type": getattr(loaded.model.config, "model_type", None),
+            "num_layers": depth,
+            "parameters": parameters,
+        },
+        "evaluation": {
+            "tasks": list(baseline),
+            "limit": report_settings.limit,
+            "num_fewshot": report_settings.num_fewshot,
+            "metrics": {t: s.metric for t, s in base_scores.items()},
+        },
+        "baseline": {
+            "scores": baseline,
+            "stderr": {t: s.stderr for t, s in base_scores.items()},
+            "n": {t: s.n for t, s in base_scores.items()},
+            "mean": sum(baseline.values()) / len(baseline),
+        },
+        "strategies": strategies,
+        "correlations": {
+            pair: {k: v for k, v in stats.items() if k != "overlaps"}
+            for pair, stats in pairs.items()
+        },
+        "overlap": overlap,
+        "relevance": {
+            "layers": relevance.get("layers", []),
+            "orders": relevance.get("orders", {}),
+            "settings": relevance.get("settings", {}),
+            "overlaps": {pair: stats.get("overlaps") for pair, stats in pairs.items()},
+        },
+        "best": best,
+    }
+
+
+def headline_rows(comparison: Mapping[str, Any]) -> list[list[str]]:
+    """The headline table: one row for the base model and one per strategy."""
+    model = comparison["model"]
+    base = comparison["baseline"]
+    rows = [["model", "layers", "params kept", "mean score", "retained", "removed layers"]]
+    rows.append(["base", str(model["num_layers"]), "100.0%", f"{base['mean']:.4f}", "100.0%", "-"])
+    for name, data in comparison["strategies"].items():
+        final = data["final"]
+        share = final["params"] / model["parameters"]
+        retained = final["mean"] / base["mean"] if base["mean"] else float("nan")
+        rows.append(
+            [
+                name,
+                str(final["layers"]),
+                f"{100 * share:.1f}%",
+                f"{final['mean']:.4f}",
+                f"{100 * retained:.1f}%",
+                ",".join(map(str, data["removed"])) or "-",
+            ]
+        )
+    return rows
+
+
+def format_table(rows: list[list[str]]) -> str:
+    """Plain aligned columns for the terminal."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def render_comparison(comparison: Mapping[str, Any], figure: str | None = "relevance.png") -> str:
+    """comparison.md: the headline table, then the same sections as every variant's card."""
+    rows = headline_rows(comparison)
+    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    overrides = comparison.get("overrides")
+    timings = comparison.get("timings", {})
+    lines = [
+        f"# prune run: {comparison['model']['spec']}",
+        "",
+        *table,
+        "",
+        f"Best by mean score: **{comparison['best']}**. Engine: {comparison['engine']}."
+        + (f" CLI overrides: {json.dumps(overrides)}." if overrides else ""),
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
+        "",
+        *comparison_sections(comparison, list(comparison["strategies"]), figure),
+    ]
+    return "\n".join(lines).rstrip() + "\n"

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-halving clean
+.PHONY: help install test test-fast lint demo bench bench-halving study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARG
 
 bench-halving: $(STAMP) ## opt-in early stopping: successive halving vs the exact ranking (HALVING_ARGS="--limit 200 --keep 6")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_halving.py $(HALVING_ARGS)
+
+study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)
 
 clean: ## remove the virtual environment and outputs
 	rm -rf $(VENV) out .pytest_cache

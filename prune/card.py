@@ -203,6 +203,59 @@ def _depth_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[st
     return lines
 
 
+def _interval(p: Mapping[str, Any] | None) -> str:
+    if not p:
+        return "n/a"
+    lo, hi = p["ci95"]
+    return f"{p['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _paired_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """Each variant against the base and against each other: paired differences with their
+    95% intervals, and the verdict (a winner only when the interval excludes zero)."""
+    paired = comparison.get("paired") or {}
+    if not paired:
+        return []
+    names = [n for n in order if n in paired]
+    lines = [
+        "Paired differences on the same documents (row minus column; mean over tasks of the "
+        "per-document differences, 95% bootstrap interval):",
+        "",
+        "| variant | vs base |" + "".join(f" vs {n} |" for n in names),
+        "|---|---|" + "---|" * len(names),
+    ]
+    for name in names:
+        row = f"| {name} | {_interval(paired[name].get('vs_base'))} |"
+        row += "".join(
+            " - |" if other == name else f" {_interval(paired[name]['vs'].get(other))} |"
+            for other in names
+        )
+        lines.append(row)
+    verdict = comparison.get("verdict")
+    best = comparison.get("best")
+    if verdict:
+        lines += ["", f"Verdict: **{best}** ({verdict})." if best else f"Verdict: {verdict}."]
+    return lines + [""]
+
+
+def _stability_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """How stable each ranking's removal set is when the documents are resampled."""
+    stable = comparison.get("stability") or {}
+    names = [n for n in order if n in stable]
+    if not names:
+        return []
+    lines = [
+        "Ranking stability (documents resampled with replacement): the mean Jaccard overlap of "
+        "the resampled removal set with the one used, and how often each removed layer is chosen:",
+        "",
+    ]
+    for name in names:
+        st = stable[name]
+        chosen = ", ".join(f"{i} ({st['probability'][i]:.2f})" for i in st["removal_set"])
+        lines.append(f"- **{name}**: Jaccard {st['jaccard']:.2f}; layers {chosen}.")
+    return lines + [""]
+
+
 def _correlation_lines(comparison: Mapping[str, Any]) -> list[str]:
     lines = []
     for pair, stats in (comparison.get("correlations") or {}).items():
@@ -256,6 +309,8 @@ def comparison_sections(
         *_depth_table(comparison, order),
         "",
     ]
+    out += _paired_lines(comparison, order)
+    out += _stability_lines(comparison, order)
     if comparison.get("warnings"):
         out += ["> " + w for w in comparison["warnings"]] + [""]
     corr = _correlation_lines(comparison)
@@ -275,6 +330,11 @@ def comparison_sections(
         ]
     if figure:
         out += [f"![Per-layer relevance under each strategy]({figure})", ""]
+    out += [
+        "![Mean reporting score against blocks removed, per strategy; bands: paired 95% "
+        "interval of the difference from the base model](tradeoff.png)",
+        "",
+    ]
     return out
 
 

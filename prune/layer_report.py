@@ -22,8 +22,11 @@ from typing import Any
 
 from prune.errors import PruneError
 from prune.measures import Measure, Ranking, get_measure, measure_names, registry
+from prune.measures.base import summary_json
 
 OVERLAP_FRACTIONS = (0.10, 0.25, 0.50)
+# `prune rank/compare` report how stable the removal of this share of the blocks is.
+STABILITY_FRACTION = 0.25
 
 
 def _finite(x: float | None) -> float | None:
@@ -109,6 +112,17 @@ def _pairs(rankings: dict[str, Ranking], indices: list[int]) -> dict[str, dict[s
     return pairs
 
 
+def _stability(rankings: dict[str, Ranking], k: int) -> dict[str, Any]:
+    """Removal-set stability of the k least relevant blocks, for every ranking that kept its
+    per-document contributions for every block (`prune.stats.removal_stability`)."""
+    out = {}
+    for name, ranking in rankings.items():
+        found = ranking.stability(k)
+        if found is not None:
+            out[name] = found.to_dict()
+    return out
+
+
 def build_report(
     model_name: str,
     rankings: dict[str, Ranking],
@@ -132,6 +146,10 @@ def build_report(
             row |= measure.columns(scored[name].get(i) if name in scored else None)
         row |= {f"rank_{name}": ranks[name].get(i) for name in rankings}
         layers.append(row)
+    k = max(1, round(STABILITY_FRACTION * depth))
+    stable = _stability(rankings, k)
+    for row in layers:
+        row |= {f"p_removed_{name}": st["probability"][row["index"]] for name, st in stable.items()}
     pairs = _pairs(rankings, indices)
     chosen = main_pair(list(rankings))
     main = None
@@ -141,7 +159,7 @@ def build_report(
         main = next(iter(pairs.values()))
     baseline = next(
         (
-            {task: score.to_dict() for task, score in r.baseline.items()}
+            {task: summary_json(score.to_dict()) for task, score in r.baseline.items()}
             for name, r in rankings.items()
             if measures[name].needs_tasks and isinstance(r.baseline, dict)
         ),
@@ -163,6 +181,7 @@ def build_report(
         "overlaps": main["overlaps"] if main else None,
         "pairs": pairs,
         "orders": {name: r.order() for name, r in rankings.items()},
+        "stability": {"k": k, **stable} if stable else None,
         "settings": {name: r.settings for name, r in rankings.items()},
         "timings": timings,
     }
@@ -194,17 +213,25 @@ def render_table(report: dict[str, Any]) -> str:
         m.name: bool(m.stderr_column) and any(r.get(m.stderr_column) is not None for r in rows)
         for m in measures
     }
+    with_ci = {m.name: any(r.get(f"{m.column}_ci95") for r in rows) for m in measures}
+    stable = report.get("stability") or {}
     head = ["layer"]
     for m in measures:
-        head += [
-            m.label_for(report["block_size"]) + (" ± se" if with_stderr[m.name] else ""),
-            "rank",
-        ]
+        head += [m.label_for(report["block_size"]) + (" ± se" if with_stderr[m.name] else "")]
+        head += ["95% CI"] if with_ci[m.name] else []
+        head += ["rank"]
+        head += [f"P(in {stable['k']} removed)"] if m.name in stable else []
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" for _ in head) + "|"]
     for row in rows:
         cells = [str(row["index"])]
         for m in measures:
-            cells += [_cell(m, row, with_stderr[m.name]), str(row.get(f"rank_{m.name}") or "-")]
+            cells += [_cell(m, row, with_stderr[m.name])]
+            if with_ci[m.name]:
+                ci = row.get(f"{m.column}_ci95")
+                cells += [f"[{ci[0]:+.{m.digits}f}, {ci[1]:+.{m.digits}f}]" if ci else "-"]
+            cells += [str(row.get(f"rank_{m.name}") or "-")]
+            if m.name in stable:
+                cells += [_fmt(row.get(f"p_removed_{m.name}"), 2)]
         lines.append("| " + " | ".join(cells) + " |")
     out = [f"# Layer relevance: {report['model']} ({report['num_layers']} layers)", ""]
     if report.get("baseline"):
@@ -225,6 +252,13 @@ def render_table(report: dict[str, Any]) -> str:
             "Successive halving: scores marked (n=N) are estimates from the first N documents per "
             "task (those blocks looked more relevant and were dropped early); the others use every "
             "document.",
+            "",
+        ]
+    if stable:
+        out += [
+            f"Stability: documents resampled with replacement; P = how often a block is among the "
+            f"{stable['k']} least relevant; mean Jaccard overlap with the full-data set: "
+            + ", ".join(f"{n} {st['jaccard']:.2f}" for n, st in stable.items() if n != "k"),
             "",
         ]
     if report["pairs"]:

@@ -9,7 +9,7 @@
 - remove: greedy removal per strategy (`prune.greedy`), re-evaluating after every
   step; the iterative schedule re-ranks the slimmed model each time.
 - export: one checkpoint per strategy, with a model card comparing all of them.
-- report: comparison.json / comparison.md, relevance.png, recipe.yaml.
+- report: comparison.json / comparison.md, relevance.png, tradeoff.png, recipe.yaml.
 - publish: push the chosen variants to the Hub when asked.
 
 Every evaluation goes through `evaluate_removals` on the *full* model with
@@ -80,7 +80,8 @@ class Run:
     rankings: dict[str, Any] = field(default_factory=dict)  # strategy -> full-model Ranking
     results: dict[str, Any] = field(default_factory=dict)  # strategy -> GreedyResult
     comparison: dict[str, Any] = field(default_factory=dict)
-    figure: bytes | None = None
+    figure: bytes | None = None  # relevance.png
+    tradeoff: bytes = b""  # tradeoff.png
     variants: dict[str, Path] = field(default_factory=dict)
     pushed: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -279,11 +280,24 @@ def export(run: Run) -> None:
     from prune.card import render_card
     from prune.export import export_checkpoint
     from prune.layer_report import build_report
-    from prune.plot import plot_relevance
-    from prune.report import build_comparison
+    from prune.plot import plot_relevance, plot_tradeoff
+    from prune.report import build_comparison, paired_comparison, stability, step_intervals
     from prune.surgery import drop_layers, restore_layers
 
     relevance = build_report(run.loaded.source.spec, run.rankings, {}) if run.rankings else {}
+    # Every step was evaluated during the removal: these come from the cache.
+    steps = {
+        name: _evaluate(run, run.report_settings, [tuple(s.removed) for s in result.history], False)
+        for name, result in run.results.items()
+    }
+    finals = {name: scores[-1] for name, scores in steps.items()}
+    with_outcomes = all(
+        s.outcomes is not None
+        for scores in (run.baseline, *(x for v in steps.values() for x in v))
+        for s in scores.values()
+    )
+    seed = run.recipe.seed
+    removals = {name: len(result.removed) for name, result in run.results.items()}
     run.comparison = build_comparison(
         recipe=run.recipe,
         loaded=run.loaded,
@@ -295,8 +309,14 @@ def export(run: Run) -> None:
         relevance=relevance,
         overrides=run.overrides,
         engine=run.engine,
+        paired=paired_comparison(run.baseline, finals, seed) if with_outcomes else None,
+        stable=stability(run.rankings, removals, run.recipe.prune.protect, seed),
+        intervals={n: step_intervals(run.baseline, v, seed) for n, v in steps.items()}
+        if with_outcomes
+        else None,
     )
     run.figure = plot_relevance(relevance) if relevance else None
+    run.tradeoff = plot_tradeoff(run.comparison)
     recipe_text = run.recipe.raw_text
     for name, result in run.results.items():
         folder = run.out / "variants" / name
@@ -311,7 +331,11 @@ def export(run: Run) -> None:
             figure="relevance.png" if run.figure else None,
             repo_id=_repo_for(run.recipe, name, run.depth - len(removed)),
         )
-        files: dict[str, str | bytes] = {"README.md": card, "recipe.yaml": recipe_text}
+        files: dict[str, str | bytes] = {
+            "README.md": card,
+            "recipe.yaml": recipe_text,
+            "tradeoff.png": run.tradeoff,
+        }
         if run.figure:
             files["relevance.png"] = run.figure
         removal = drop_layers(run.loaded.model, removed) if removed else None
@@ -347,6 +371,7 @@ def report(run: Run) -> None:
     from prune.report import render_comparison
 
     write_file(run.out / "recipe.yaml", run.recipe.raw_text)
+    write_file(run.out / "tradeoff.png", run.tradeoff)
     if run.figure:
         write_file(run.out / "relevance.png", run.figure)
     run.comparison["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
@@ -369,6 +394,12 @@ def publish(run: Run) -> None:
         return
     if push.publish == "all" or (push.publish == "best" and "{strategy}" in (push.repo_id or "")):
         chosen = list(run.variants)
+    elif push.publish == "best" and run.comparison["best"] is None:
+        raise PruneError(
+            f"push.publish is 'best' but no variant is distinguishably better "
+            f"({run.comparison['verdict']}); the outputs in {run.out} are complete: set "
+            "push.publish to a strategy name or 'all', or push one with `prune push`"
+        )
     else:
         chosen = [run.comparison["best"] if push.publish == "best" else push.publish]
     layers = {n: run.comparison["strategies"][n]["final"]["layers"] for n in chosen}

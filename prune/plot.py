@@ -82,7 +82,8 @@ def plot_relevance(report: dict[str, Any]) -> bytes:
 
 def _scatter(sc: Any, report: dict[str, Any], x: Any, y: Any) -> None:
     """The proxy measure `x` against the measured `y`, one labelled point per layer, with
-    y's standard errors as bars and the report's Spearman correlation in the title."""
+    y's paired 95% intervals (else its standard errors) as bars and the report's Spearman
+    correlation in the title."""
     block_size = report.get("block_size", 1)
     rows = [
         r for r in report["layers"] if r.get(x.column) is not None and r.get(y.column) is not None
@@ -90,8 +91,9 @@ def _scatter(sc: Any, report: dict[str, Any], x: Any, y: Any) -> None:
     xs = [r[x.column] for r in rows]
     if rows:
         ys = [r[y.column] for r in rows]
-        errs = [(r.get(y.stderr_column) if y.stderr_column else None) or 0.0 for r in rows]
-        sc.errorbar(xs, ys, yerr=errs, fmt="o", color="tab:purple", ecolor="0.75", ms=5, capsize=0)
+        sc.errorbar(
+            xs, ys, yerr=_error_bars(rows, y), fmt="o", color="tab:purple", ecolor="0.75", ms=5
+        )
         for px, py, r in zip(xs, ys, rows, strict=True):
             sc.annotate(
                 str(r["index"]), (px, py), textcoords="offset points", xytext=(3, 3), fontsize=7
@@ -107,3 +109,58 @@ def _scatter(sc: Any, report: dict[str, Any], x: Any, y: Any) -> None:
     if xs and min(xs) > 0 and max(xs) / min(xs) > 20:
         sc.set_xscale("log")
     sc.grid(alpha=0.3)
+
+
+def _error_bars(rows: list[dict[str, Any]], measure: Any) -> list[list[float]]:
+    """Asymmetric bars (below, above) per point: the paired 95% interval where the report has
+    one, else +-1 standard error, else none."""
+    below, above = [], []
+    for r in rows:
+        value, ci = r[measure.column], r.get(f"{measure.column}_ci95")
+        if ci:
+            below.append(max(0.0, value - ci[0]))
+            above.append(max(0.0, ci[1] - value))
+        else:
+            err = (r.get(measure.stderr_column) if measure.stderr_column else None) or 0.0
+            below.append(err)
+            above.append(err)
+    return [below, above]
+
+
+def plot_tradeoff(comparison: dict[str, Any]) -> bytes:
+    """The run's tradeoff: mean reporting score against blocks removed, a line per strategy
+    (its greedy history), with a band showing the paired 95% interval of each step's
+    difference from the base model where the comparison has one. Returns PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from prune.measures import registry
+
+    measures = registry()
+    base = comparison["baseline"]["mean"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    spare = iter(PALETTE)
+    for name, data in comparison["strategies"].items():
+        measure = measures.get(name)
+        color = (measure.color if measure else None) or next(spare, None)
+        removed = [len(step["removed"]) for step in data["history"]]
+        means = [step["mean_score"] for step in data["history"]]
+        ax.plot(removed, means, marker="o", ms=4, lw=1.6, color=color, label=name)
+        bands = data.get("history_vs_base")
+        if bands and len(bands) == len(removed):
+            lo = [base + b["ci95"][0] for b in bands]
+            hi = [base + b["ci95"][1] for b in bands]
+            ax.fill_between(removed, lo, hi, color=color, alpha=0.15, lw=0)
+    ax.axhline(base, color="0.4", lw=0.8, ls="--", label="base model")
+    ax.set_xlabel("blocks removed")
+    ax.set_ylabel("mean reporting score")
+    ax.set_title(f"{comparison['model']['spec']}: score against blocks removed")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()

@@ -401,6 +401,11 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
         problems.append(f"strategies: must list at least one of {', '.join(names)}")
     task_users = [n for n in names if get_measure(n).needs_tasks]
     uses = "strategy uses" if len(task_users) == 1 else "strategies use"
+    users = (
+        ", ".join(task_users[:-1]) + " and " + task_users[-1]
+        if len(task_users) > 1
+        else task_users[0]
+    )
     report_tasks = recipe.evaluation.tasks
     seen: set[str] = set()
     for i, strat in enumerate(recipe.strategies):
@@ -423,7 +428,7 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
             for key in ("tasks", "num_fewshot", "metric"):
                 if getattr(strat, key) is not None:
                     problems.append(
-                        f"{where}.{key}: only the {' and '.join(task_users)} {uses} tasks; '{strat.name}' ranks on the calibration text"
+                        f"{where}.{key}: only the {users} {uses} tasks; '{strat.name}' ranks on the calibration text"
                     )
         _at_least(strat.limit, 1, f"{where}.limit", problems)
         _at_least(strat.num_fewshot, 0, f"{where}.num_fewshot", problems)

@@ -11,7 +11,7 @@ the timings. Pure functions: no model, no disk.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
@@ -47,6 +47,92 @@ def _strategy_record(result: Any, baseline: Mapping[str, float]) -> dict[str, An
     }
 
 
+def _per_document(scores: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+    """task -> doc_id -> the task metric's value per document (from each TaskScore's outcomes)."""
+    out = {}
+    for task, score in scores.items():
+        if score.outcomes is None:
+            raise ValueError(f"task '{task}' was evaluated without per-document outcomes")
+        out[task] = score.outcomes.metric(score.metric)
+    return out
+
+
+def paired_comparison(
+    base_scores: Mapping[str, Any], finals: Mapping[str, Mapping[str, Any]], seed: int = 0
+) -> dict[str, Any]:
+    """Per strategy, its paired difference from the base model and from every other strategy
+    on the reporting tasks (`prune.stats.Paired.to_dict()`: diff, stderr, ci95, documents).
+
+    `finals` maps strategy -> task -> TaskScore of its final variant. Differences are
+    variant minus the other side, mean over tasks of the per-document differences.
+    """
+    from prune.stats import paired_difference
+
+    base = _per_document(base_scores)
+    docs = {name: _per_document(scores) for name, scores in finals.items()}
+    out: dict[str, Any] = {}
+    for name, values in docs.items():
+        out[name] = {
+            "vs_base": paired_difference(values, base, seed=seed).to_dict(),
+            "vs": {
+                other: paired_difference(values, docs[other], seed=seed).to_dict()
+                for other in docs
+                if other != name
+            },
+        }
+    return out
+
+
+def step_intervals(
+    base_scores: Mapping[str, Any], steps: Sequence[Mapping[str, Any]], seed: int = 0
+) -> list[dict[str, Any]]:
+    """For each greedy step's reporting scores (task -> TaskScore), its paired difference from
+    the base model (`Paired.to_dict()`): the uncertainty band of the tradeoff figure."""
+    from prune.stats import paired_difference
+
+    base = _per_document(base_scores)
+    return [paired_difference(_per_document(s), base, seed=seed).to_dict() for s in steps]
+
+
+def verdict(means: Mapping[str, float], paired: Mapping[str, Any]) -> tuple[str | None, str]:
+    """The best strategy, only when its paired 95% interval against every other excludes zero
+    in its favour, and a sentence saying what is decided (or that nothing is)."""
+    if not means:
+        return None, "no strategy ran"
+    leader = max(means, key=lambda n: means[n])
+    others = [n for n in means if n != leader]
+    if not others:
+        return leader, f"{leader} is the only strategy"
+    against = {o: paired.get(leader, {}).get("vs", {}).get(o) for o in others}
+    if all(p is not None and p["ci95"][0] > 0 for p in against.values()):
+        parts = [
+            f"{p['diff']:+.4f} over {o} (95% CI {p['ci95'][0]:+.4f} to {p['ci95'][1]:+.4f})"
+            for o, p in against.items()
+        ]
+        return leader, f"{leader} is better: " + "; ".join(parts)
+    parts = [
+        f"{leader} - {o} = {p['diff']:+.4f} (95% CI {p['ci95'][0]:+.4f} to {p['ci95'][1]:+.4f}, "
+        f"{p['documents']} documents)"
+        for o, p in against.items()
+        if p is not None
+    ]
+    return None, "the variants are not distinguishable: " + "; ".join(parts)
+
+
+def stability(
+    rankings: Mapping[str, Any], removals: Mapping[str, int], protect: Sequence[int], seed: int = 0
+) -> dict[str, Any]:
+    """Per strategy whose full-model ranking kept per-document contributions: how stable its
+    removal set of `removals[name]` blocks is when the documents are resampled
+    (`prune.stats.Stability.to_dict()`); strategies without them are left out."""
+    out: dict[str, Any] = {}
+    for name, ranking in rankings.items():
+        found = ranking.stability(removals.get(name, 0), exclude=protect, seed=seed)
+        if found is not None:
+            out[name] = found.to_dict()
+    return out
+
+
 def build_comparison(
     *,
     recipe: Any,
@@ -59,6 +145,9 @@ def build_comparison(
     relevance: Mapping[str, Any],
     overrides: Mapping[str, Any],
     engine: str,
+    paired: Mapping[str, Any] | None = None,
+    stable: Mapping[str, Any] | None = None,
+    intervals: Mapping[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The JSON record of a run (see the module docstring).
 
@@ -68,15 +157,19 @@ def build_comparison(
     """
     baseline = {t: s.value for t, s in base_scores.items()}
     strategies = {name: _strategy_record(result, baseline) for name, result in results.items()}
+    for name, steps in (intervals or {}).items():
+        strategies[name]["history_vs_base"] = steps  # paired difference of each step
     names = list(results)
     pairs = relevance.get("pairs", {})
     overlap = None
     if len(names) == 2:
         sa, sb = set(results[names[0]].removed), set(results[names[1]].removed)
         overlap = len(sa & sb) / len(sa | sb) if sa | sb else 1.0
-    best = max(
-        names, key=lambda n: (strategies[n]["final"]["mean"], -strategies[n]["final"]["layers"])
-    )
+    paired = dict(paired or {})
+    if paired:
+        best, decided = verdict({n: strategies[n]["final"]["mean"] for n in names}, paired)
+    else:  # evaluations without per-document outcomes: no verdict can be backed
+        best, decided = None, "no paired statistics (evaluations without per-document outcomes)"
     source = loaded.source
     return {
         "prune_version": __version__,
@@ -119,7 +212,10 @@ def build_comparison(
             "settings": relevance.get("settings", {}),
             "overlaps": {pair: stats.get("overlaps") for pair, stats in pairs.items()},
         },
+        "paired": paired,
+        "stability": dict(stable or {}),
         "best": best,
+        "verdict": decided,
     }
 
 
@@ -167,7 +263,8 @@ def render_comparison(comparison: Mapping[str, Any], figure: str | None = "relev
         "",
         *table,
         "",
-        f"Best by mean score: **{comparison['best']}**. Engine: {comparison['engine']}."
+        _verdict_line(comparison)
+        + f" Engine: {comparison['engine']}."
         + (f" CLI overrides: {json.dumps(overrides)}." if overrides else ""),
         "",
         "Timings (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()),
@@ -175,3 +272,11 @@ def render_comparison(comparison: Mapping[str, Any], figure: str | None = "relev
         *comparison_sections(comparison, list(comparison["strategies"]), figure),
     ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _verdict_line(comparison: Mapping[str, Any]) -> str:
+    best = comparison.get("best")
+    text = comparison.get("verdict") or ""
+    if best:
+        return f"Best: **{best}** ({text})."
+    return f"No winner: {text}." if text else "No winner."

@@ -49,10 +49,16 @@ def test_every_measure_is_registered_with_its_declarations():
         assert measure.needs_texts or measure.needs_tasks  # each reads something
         assert get_measure(name) is measure
     # The keys reports have always used.
-    assert get_measure("cosine").columns(None) == {"cosine": None, "cosine_stderr": None}
+    # (plus the paired 95% interval of measures with a standard error)
+    assert get_measure("cosine").columns(None) == {
+        "cosine": None,
+        "cosine_stderr": None,
+        "cosine_ci95": None,
+    }
     assert set(get_measure("accuracy").columns(None)) == {
         "accuracy_drop",
         "accuracy_drop_stderr",
+        "accuracy_drop_ci95",
         "accuracy_documents",
         "per_task_drop",
     }

@@ -103,7 +103,7 @@ MALFORMED = [
     (
         "model: m\nstrategies: [{name: cosine, tasks: [local_piqa]}]\nprune: {remove: 2}\n",
         30,
-        ["strategies[0].tasks: only the accuracy strategy uses tasks"],
+        ["strategies[0].tasks: only the accuracy, probability, margin and kl strategies use tasks"],
     ),
     (
         "model: m\nstrategies: [{name: accuracy, limit: 0}]\nprune: {remove: 2}\n",
@@ -316,7 +316,10 @@ def test_every_registered_measure_is_a_strategy():
     names = ", ".join(measure_names())
     recipe = parse_recipe(f"model: m\nstrategies: [{names}]\nprune: {{remove: 2}}\n", depth=30)
     assert recipe.strategy_names() == list(measure_names())
-    with pytest.raises(RecipeError, match=r"strategies\[0\]\.tasks: only the accuracy strategy"):
+    with pytest.raises(
+        RecipeError,
+        match=r"strategies\[0\]\.tasks: only the accuracy, probability, margin and kl strategies",
+    ):
         parse_recipe(
             "model: m\nstrategies: [{name: angular, tasks: [local_piqa]}]\nprune: {remove: 2}\n",
             depth=30,

@@ -67,7 +67,28 @@ def test_run_writes_the_whole_layout(recipe, tmp_path):
     assert comparison["evaluation"]["limit"] == 5
     assert set(comparison["strategies"]) == {"cosine", "accuracy"}
     assert comparison["model"]["num_layers"] == DEPTH
+    # paired statistics: each variant against the base and the other, on the same documents
+    for name, other in (("cosine", "accuracy"), ("accuracy", "cosine")):
+        paired = comparison["paired"][name]
+        lo, hi = paired["vs_base"]["ci95"]
+        assert lo <= paired["vs_base"]["diff"] <= hi and paired["vs_base"]["documents"] == 5
+        mean_diff = (
+            comparison["strategies"][name]["final"]["mean"]
+            - comparison["strategies"][other]["final"]["mean"]
+        )
+        assert paired["vs"][other]["diff"] == pytest.approx(mean_diff)
+        history = comparison["strategies"][name]["history_vs_base"]
+        assert len(history) == 3 and history[0]["diff"] == 0.0
+    # a winner only when its interval excludes zero
+    lead = comparison["paired"]["cosine"]["vs"]["accuracy"]
+    if comparison["best"] is None:
+        assert "not distinguishable" in comparison["verdict"]
+    else:
+        winner = comparison["paired"][comparison["best"]]["vs"]
+        assert all(p["ci95"][0] > 0 for p in winner.values()), lead
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "comparison.md").read_text()
+    assert "Paired differences" in report and "Verdict:" in report
     for name, data in comparison["strategies"].items():
         history = data["history"]
         assert [s["layers_left"] for s in history] == [DEPTH, DEPTH - 1, DEPTH - 2]
@@ -91,6 +112,8 @@ def test_run_writes_the_whole_layout(recipe, tmp_path):
         for other in ("cosine", "accuracy"):
             removed = ", ".join(map(str, comparison["strategies"][other]["removed"]))
             assert f"| {other} | one-shot | {removed} |" in card
+        assert "![Mean reporting score against blocks removed" in card
+        assert (folder / "tradeoff.png").exists()
         assert (folder / "relevance.png").exists() and (
             folder / "recipe.yaml"
         ).read_bytes() == recipe.read_bytes()
@@ -260,3 +283,26 @@ def test_run_push_sends_every_variant_to_the_hub(recipe, tmp_path, hub, monkeypa
     for name in ("cosine", "accuracy"):
         files = hub.files(f"{USER}/tiny-{name}-{DEPTH - 2}L")
         assert {"README.md", "config.json", "model.safetensors", "prune.json"} <= set(files)
+
+
+def test_publish_best_refuses_when_no_variant_is_distinguishably_better(tmp_path):
+    from prune.errors import PruneError
+    from prune.pipeline import Run, publish
+    from prune.recipe import parse_recipe
+
+    run = Run(tmp_path / "r.yaml", {}, False, False, False, print)
+    run.recipe = parse_recipe(
+        "model: m\nprune: {remove: 2}\npush: {enabled: true, repo_id: me/tiny}\n", depth=6
+    )
+    run.out = tmp_path / "out"
+    run.variants = {"cosine": tmp_path / "a", "accuracy": tmp_path / "b"}
+    run.comparison = {
+        "best": None,
+        "verdict": "the variants are not distinguishable: cosine - accuracy = +0.0100 "
+        "(95% CI -0.0300 to +0.0500, 200 documents)",
+    }
+    with pytest.raises(PruneError) as info:
+        publish(run)
+    message = str(info.value)
+    assert "no variant is distinguishably better" in message and "-0.0300 to +0.0500" in message
+    assert "push.publish" in message

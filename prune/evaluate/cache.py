@@ -25,8 +25,10 @@ from prune.evaluate.settings import EvalSettings, TaskScore
 
 log = logging.getLogger(__name__)
 
-# Bump when a change alters scores, so old cache entries are not reused.
-CACHE_VERSION = 1
+# Bump when a change alters scores or what a score entry holds, so old entries are not
+# reused: the version is part of every key, and score entries also carry it and are read
+# only when it matches. 2: scores carry per-document outcomes (`TaskScore.outcomes`).
+CACHE_VERSION = 2
 
 
 def model_fingerprint(loaded: Any) -> str:
@@ -62,7 +64,9 @@ class ResultCache:
     """Scores and other JSON values under `root` (default: `cache_root()/results`), by key.
 
     Entries are written atomically; an unreadable or malformed entry reads as missing
-    (with a warning) and the next write replaces it.
+    (with a warning) and the next write replaces it. A score entry written by another
+    `CACHE_VERSION` (e.g. one from before scores carried per-document outcomes) reads as
+    missing too, so it is recomputed rather than misread.
     """
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
@@ -97,6 +101,9 @@ class ResultCache:
         data = self._read(key)
         if data is None:
             return None
+        if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+            log.debug("ignoring cache entry %s of another format version", self.path(key))
+            return None
         try:
             return TaskScore.from_dict(data["score"])
         except (ValueError, KeyError, TypeError) as exc:
@@ -105,7 +112,8 @@ class ResultCache:
 
     def put(self, key: str, score: TaskScore, meta: dict[str, Any] | None = None) -> None:
         """Store `score` under `key`, with `meta` (what produced it) for people reading the file."""
-        write_file(self.path(key), json.dumps({"score": score.to_dict(), "meta": meta or {}}))
+        entry = {"version": CACHE_VERSION, "score": score.to_dict(), "meta": meta or {}}
+        write_file(self.path(key), json.dumps(entry, separators=(",", ":")))
 
     def get_json(self, key: str) -> Any | None:
         """Any JSON value stored with `put_json` (None when missing or corrupt)."""

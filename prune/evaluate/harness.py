@@ -5,7 +5,8 @@
   `run(lm=...)` scores through any other lm-eval `LM` instead (the fast engine's
   recording and replaying ones). `lm_eval_runner` reuses the last runner, since
   building one takes seconds. `scores_from_results` picks one `TaskScore` per task
-  from lm-eval's results.
+  from lm-eval's results, and `outcomes_from_samples` turns lm-eval's logged samples
+  into the task's per-document `DocOutcomes`.
 - `FastEvaluator` puts the fast engine (`prune.evaluate.engine`) behind lm-eval's
   task machinery, so both engines report the same numbers: lm-eval builds the
   requests (a recording LM), HFLM's own `_encode_pair` and truncation tokenize
@@ -14,17 +15,21 @@
   aggregation (a replaying LM), so acc, acc_norm and their standard errors come
   from lm-eval's code. `evaluate_candidates` is the one-call form.
 
-Private lm-eval API used here: `HFLM._encode_pair`, and `lm_eval.evaluator`'s
+Private lm-eval API used here: `HFLM._encode_pair`; `lm_eval.evaluator`'s
 `add_env_info` / `get_git_commit_hash`, switched off while the fast engine drives
-`simple_evaluate` (`_without_env_info`).
+`simple_evaluate` (`_without_env_info`); and `lm_eval.utils.apply_template` / `env`,
+replaced while either engine runs by a version that compiles each template once
+(`_compiled_templates`; same text, since logging samples renders every target again).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +38,7 @@ from lm_eval.api.model import LM
 
 from prune.errors import FastEngineUnsupported, PruneError
 from prune.evaluate.engine import Answer, FastEngine, Key, Request
-from prune.evaluate.settings import EvalSettings, TaskScore
+from prune.evaluate.settings import DocOutcomes, EvalSettings, TaskScore
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +94,14 @@ class LmEvalRunner:
         *,
         lm: LM | None = None,
         task_metric: str | None = None,
+        outcomes: bool = True,
     ) -> dict[str, TaskScore]:
         """Score the model as it is now on `tasks` (default: all of the settings' tasks).
 
         `lm` answers lm-eval's requests instead of this runner's HFLM; `task_metric`
-        replaces the settings' metric for this call (None: the settings' one).
+        replaces the settings' metric for this call (None: the settings' one). Each
+        task's score carries its per-document `outcomes` (from lm-eval's logged
+        samples) unless `outcomes` is False.
         """
         from lm_eval import simple_evaluate
 
@@ -109,7 +117,11 @@ class LmEvalRunner:
         # lm-eval prints tables to stdout and a progress bar per request batch to stderr;
         # our own bar over candidates is the one to watch (lm-eval's logs still show).
         quiet = not log.isEnabledFor(logging.DEBUG)
-        with contextlib.redirect_stdout(io.StringIO()), _maybe_redirect_stderr(quiet):
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            _maybe_redirect_stderr(quiet),
+            _compiled_templates(),
+        ):
             results = simple_evaluate(
                 model=self.lm if lm is None else lm,
                 tasks=task_arg,
@@ -118,7 +130,7 @@ class LmEvalRunner:
                 limit=s.limit,
                 batch_size=s.batch_size,
                 bootstrap_iters=1000,
-                log_samples=False,
+                log_samples=outcomes,
                 random_seed=s.seed,
                 numpy_random_seed=s.seed,
                 torch_random_seed=s.seed,
@@ -129,7 +141,134 @@ class LmEvalRunner:
                 "lm-eval returned no results (distributed evaluation is not supported)"
             )
         metric = s.task_metric if task_metric is None else task_metric
-        return scores_from_results(results, wanted, metric)
+        scores = scores_from_results(results, wanted, metric)
+        if outcomes:
+            self._attach_outcomes(scores, results)
+        return scores
+
+    def _attach_outcomes(self, scores: dict[str, TaskScore], results: dict) -> None:
+        """Fill each task score's `outcomes` from the samples lm-eval logged for that task,
+        under the filter its metric was reported with (a group's row has none)."""
+        samples = results.get("samples") or {}
+        for name, score in scores.items():
+            if name not in samples:
+                continue
+            entry = results["results"][name]
+            key = next(k for k in entry if k.split(",")[0] == score.metric)
+            score.outcomes = outcomes_from_samples(
+                self._task(name), samples[name], key.split(",", 1)[1]
+            )
+
+    def _task(self, name: str) -> Any:
+        """The built task object called `name` (its doc_to_choice/doc_to_target read the gold)."""
+        if not hasattr(self, "_tasks"):
+            self._tasks = dict(_leaf_tasks(self.task_dict))
+        if name not in self._tasks:  # a task lm-eval built itself from a group or tag
+            from lm_eval.tasks import get_task_dict
+
+            self._tasks.update(_leaf_tasks(get_task_dict([name], self.manager)))
+        return self._tasks[name]
+
+
+def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, Any]]:
+    """(name, task object) for every task in lm-eval's (possibly nested) task dict."""
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        elif value is not None:
+            yield str(getattr(value, "task_name", None) or key), value
+
+
+def outcomes_from_samples(task: Any, samples: Sequence[dict], filter_key: str) -> DocOutcomes:
+    """The per-document outcomes of one task from lm-eval's logged samples (`log_samples=True`).
+
+    lm-eval 0.4 logs one sample per (filter, document), in document order, with
+    `doc_id`, `doc`, `target` (= `doc_to_target(doc)`), `filtered_resps` (what
+    `process_results` scored: one `(log-likelihood, is greedy)` per request, in
+    request order), `filter`, `metrics` (the names) and each metric's value under its
+    name. The gold index and acc_norm's divisors are read as lm-eval's own
+    multiple-choice scoring reads them (`ConfigurableTask.process_results`): gold from
+    `doc_to_text` for tasks with several contexts (WinoGrande's partial scoring) and
+    `doc_to_target` otherwise, a string label as its index among the choices; the
+    divisor of each choice is `len(choice)` of `doc_to_choice(doc)`.
+    """
+    rows = [x for x in samples if x.get("filter", filter_key) == filter_key]
+    multiple_choice = getattr(task, "OUTPUT_TYPE", None) == "multiple_choice" and hasattr(
+        task, "doc_to_choice"
+    )
+    doc_ids: list[int] = []
+    lls: list[list[float]] = []
+    gold: list[int | None] = []
+    lengths: list[list[int]] = []
+    logged: dict[str, list[Any]] = {name: [] for name in rows[0].get("metrics", ())} if rows else {}
+    for row in rows:
+        doc_ids.append(int(row["doc_id"]))
+        lls.append([_loglikelihood(r) for r in row["filtered_resps"] if _has_ll(r)])
+        if multiple_choice:
+            doc = row["doc"]
+            choices = task.doc_to_choice(doc)
+            label = task.doc_to_text(doc) if getattr(task, "multiple_input", 0) else row["target"]
+            gold.append(_gold_index(label, choices, bool(getattr(task, "multiple_target", 0))))
+            lengths.append([len(c) for c in choices])
+        else:
+            gold.append(None)
+            lengths.append([len(str(a[1])) for a in row["arguments"] if len(a) > 1])
+        for name, column in logged.items():
+            column.append(row.get(name))
+    # Tuple-valued metrics (f1's (gold, pred), word_perplexity's (ll, words), ...) are left out.
+    values = {
+        name: [float(v) for v in column]
+        for name, column in logged.items()
+        if all(isinstance(v, numbers.Real) for v in column)
+    }
+    return DocOutcomes(doc_ids, values, lls, gold, lengths)
+
+
+def _has_ll(resp: Any) -> bool:
+    """Whether a filtered response carries a log-likelihood (not a generated string)."""
+    first = resp[0] if isinstance(resp, (tuple, list)) and resp else resp
+    return isinstance(first, numbers.Real)
+
+
+def _loglikelihood(resp: Any) -> float:
+    return float(resp[0] if isinstance(resp, (tuple, list)) else resp)
+
+
+def _gold_index(label: Any, choices: Sequence[str], multiple_target: bool) -> int | None:
+    """lm-eval's reading of a multiple-choice label: an index, or a choice's text."""
+    if multiple_target or isinstance(label, (list, tuple)):
+        return None  # several gold choices: acc counts any of them
+    if isinstance(label, str):
+        return choices.index(label) if label in choices else None
+    if isinstance(label, numbers.Integral) and 0 <= int(label) < len(choices):
+        return int(label)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_template(template: str) -> Any:
+    from lm_eval.utils import env
+
+    return env.from_string(template)
+
+
+@contextmanager
+def _compiled_templates() -> Iterator[None]:
+    """Compile each Jinja template of a task once instead of once per document.
+
+    lm-eval's `utils.apply_template` compiles the template string on every call (about a
+    millisecond each), and a task renders its templates for every document when it builds
+    requests and again when it logs samples. The rendered text is the same; only the
+    compilation is reused.
+    """
+    import lm_eval.utils as utils
+
+    saved = utils.apply_template
+    utils.apply_template = lambda template, doc: _compiled_template(template).render(**doc)
+    try:
+        yield
+    finally:
+        utils.apply_template = saved
 
 
 @contextlib.contextmanager
@@ -282,7 +421,7 @@ class FastEvaluator:
         self.hflm = self.runner.lm  # tokenizes the requests exactly as the lm-eval path does
         recorder = _RecordingLM()
         with _without_env_info():
-            self.runner.run(lm=recorder)
+            self.runner.run(lm=recorder, outcomes=False)
         self.recorded = recorder.instances  # lm-eval's Instances, in its order
         self.requests = self._tokenize(recorder.instances)
         pad = getattr(tokenizer, "pad_token_id", None)

@@ -28,13 +28,35 @@ def accuracy_drop(
     *,
     span: int = 1,
     documents: int | None = None,
+    signal: str = "correct",
+    seed: int = 0,
+    keep: dict[int, dict[str, dict[int, float]]] | None = None,
 ) -> LayerScore:
-    """The score lost from `base` to `result` (task -> `TaskScore`), per task and averaged.
+    """What removing the blocks cost, from `base` to `result` (task -> `TaskScore`): per task
+    the mean per-document contribution of `signal` (see `_signals`; "correct" gives the drop
+    in the task's score), averaged over tasks (tasks weigh equally).
 
-    A drop is positive when the score got worse (lower for higher-is-better metrics).
-    Its stderr combines the two runs' lm-eval standard errors as if independent
-    (conservative: the runs share documents); the mean's is sqrt(sum of squares) / tasks.
+    With per-document outcomes on both sides (every evaluation keeps them) the standard
+    error and the 95% interval are paired (`prune.stats.paired_difference`): both runs score
+    the same documents. Without them (only `signal="correct"`), the two runs' lm-eval
+    standard errors are combined as if independent (conservative) and there is no interval.
+    `keep`, when given, receives the per-document contributions (task -> doc_id -> value)
+    under `index` (for ranking stability).
     """
+    paired = all(
+        getattr(b, "outcomes", None) is not None and getattr(result[t], "outcomes", None)
+        for t, b in base.items()
+    )
+    if paired:
+        score, per_doc = _paired_drop(index, base, result, span, documents, signal, seed)
+        if keep is not None:
+            keep[index] = per_doc
+        return score
+    if signal != "correct":
+        raise PruneError(
+            f"the {signal} signal needs per-document outcomes (evaluations without them: "
+            f"{', '.join(t for t, b in base.items() if getattr(b, 'outcomes', None) is None)})"
+        )
     per_task, per_err = {}, {}
     for task, b in base.items():
         r = result[task]
@@ -55,6 +77,39 @@ def accuracy_drop(
     return LayerScore(index, mean, err, span, per_task, per_err, documents)
 
 
+def _paired_drop(
+    index: int,
+    base: dict[str, Any],
+    result: dict[str, Any],
+    span: int,
+    documents: int | None,
+    signal: str,
+    seed: int,
+) -> tuple[LayerScore, dict[str, dict[int, float]]]:
+    """The paired score of one candidate and its per-document contributions."""
+    import numpy as np
+
+    from prune.measures._signals import contributions
+    from prune.stats import paired_difference
+
+    per_doc = {}
+    for task, b in base.items():
+        cost = contributions(signal, b.outcomes, result[task].outcomes, b.metric)
+        flip = -1.0 if signal == "correct" and not b.higher_is_better else 1.0
+        per_doc[task] = {doc: flip * v for doc, v in cost.items()}
+    zeros = {task: dict.fromkeys(docs, 0.0) for task, docs in per_doc.items()}
+    total = paired_difference(per_doc, zeros, seed=seed)
+    per_task, per_err = {}, {}
+    for task, docs in per_doc.items():
+        values = np.fromiter(docs.values(), dtype=np.float64)
+        per_task[task] = float(values.mean())
+        per_err[task] = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+    score = LayerScore(
+        index, total.diff, total.stderr, span, per_task, per_err, documents, total.ci95
+    )
+    return score, per_doc
+
+
 def accuracy_relevance(
     loaded: Any,
     settings: Any,
@@ -66,8 +121,11 @@ def accuracy_relevance(
     progress: bool = True,
     halving: int | None = None,
     removed: Sequence[int] = (),
+    signal: str = "correct",
+    measure: str = "accuracy",
 ) -> Ranking:
-    """Rank blocks by the score lost when each is removed: baseline - score without it.
+    """Rank blocks by what removing each costs: the baseline's `signal` minus the candidate's
+    (see `prune.measures._signals`; "correct" is the accuracy drop), named `measure`.
 
     `settings` is an `EvalSettings`, `cache` a `ResultCache` or None. `removed` lists
     original indices already taken out: the baseline is the model without them, and
@@ -109,9 +167,17 @@ def accuracy_relevance(
             progress=progress,
         )
         base = results[0]
+        per_doc: dict[int, dict[str, dict[int, float]]] = {}
         scored = {
             span: accuracy_drop(
-                span[0], base, result, span=block_size, documents=None if last else docs
+                span[0],
+                base,
+                result,
+                span=block_size,
+                documents=None if last else docs,
+                signal=signal,
+                seed=settings.seed,
+                keep=per_doc,
             )
             for span, result in zip(alive, results[1:], strict=True)
         }
@@ -124,28 +190,41 @@ def accuracy_relevance(
         alive = sorted(ranked[:keep])
         final.update({span: scored[span] for span in ranked[keep:]})
     scores = [final[span] for span in candidates]
-    meta = dict(settings.__dict__) | {"engine": engine, "block_size": block_size}
+    meta = dict(settings.__dict__) | {"engine": engine, "block_size": block_size, "signal": signal}
     meta["tasks"] = list(settings.tasks)
     if halving is not None:
         meta |= {"halving": halving, "rounds": rounds}
     if gone:
         meta["removed"] = list(gone)
-    return Ranking("accuracy", scores, num_layers, base, meta)
+    # Per-document contributions of the blocks scored on every document (ranking stability).
+    signals = {
+        span[0]: per_doc[span[0]]
+        for span in candidates
+        if final[span].documents is None and span[0] in per_doc
+    }
+    return Ranking(measure, scores, num_layers, base, meta, signals or None)
 
 
-def rank(request: RankRequest) -> Ranking:
-    """The accuracy drop of each remaining block (of `layers` only, when given)."""
-    return accuracy_relevance(
-        request.loaded,
-        request.settings,
-        layers=request.layers,
-        block_size=request.block_size,
-        engine=request.engine,
-        cache=request.cache,
-        progress=request.progress,
-        halving=request.halving,
-        removed=request.removed,
-    )
+def family_ranker(signal: str, measure: str):
+    """The ranking function of an accuracy-family measure: `signal` drops on the tasks."""
+
+    def rank(request: RankRequest) -> Ranking:
+        return accuracy_relevance(
+            request.loaded,
+            request.settings,
+            layers=request.layers,
+            block_size=request.block_size,
+            engine=request.engine,
+            cache=request.cache,
+            progress=request.progress,
+            halving=request.halving,
+            removed=request.removed,
+            signal=signal,
+            measure=measure,
+        )
+
+    rank.__doc__ = f"The {measure} of each remaining block (of `layers` only, when given)."
+    return rank
 
 
 MEASURE = Measure(
@@ -153,7 +232,7 @@ MEASURE = Measure(
     label="accuracy drop",
     column="accuracy_drop",
     description="the drop in benchmark accuracy when the block is removed (measured)",
-    ranker=rank,
+    ranker=family_ranker("correct", "accuracy"),
     needs_tasks=True,
     per_layer=True,
     halving=True,

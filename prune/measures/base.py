@@ -30,6 +30,8 @@ class LayerScore:
     # Documents per task behind the score when successive halving dropped this block
     # early (an estimate); None = every document the settings name.
     documents: int | None = None
+    # Paired 95% interval of `score` (measures scored per document against a baseline).
+    ci95: tuple[float, float] | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -50,6 +52,10 @@ class Ranking:
     num_layers: int
     baseline: dict[str, Any] | float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    # Per-document contributions behind each score, for ranking stability: block index ->
+    # task -> doc_id -> value (the score is the mean over tasks of the mean over documents).
+    # Not part of the JSON form.
+    signals: dict[int, dict[str, dict[int, float]]] | None = field(default=None, repr=False)
 
     def order(self) -> list[int]:
         """Block (span start) indices, least relevant first; ties keep the lower index first.
@@ -65,11 +71,34 @@ class Ranking:
         """Scores keyed by block (span start) index."""
         return {s.index: s for s in self.scores}
 
+    def stability(self, k: int, *, exclude: Sequence[int] = (), seed: int = 0) -> Any:
+        """How stable the removal of the k least relevant blocks (never those in `exclude`,
+        negatives counting from the end) is when the documents are resampled: a
+        `prune.stats.Stability`, or None without per-document contributions for every block."""
+        if not self.signals or len(self.signals) != self.num_layers or k < 1:
+            return None
+        import numpy as np
+
+        from prune.stats import removal_stability
+
+        layers = sorted(self.signals)
+        first = self.signals[layers[0]]
+        docs = {task: sorted(values) for task, values in first.items()}
+        matrix = {
+            task: np.asarray([[self.signals[i][task][d] for d in ids] for i in layers])
+            for task, ids in docs.items()
+        }
+        depth = self.num_layers
+        skip = [i % depth for i in exclude if -depth <= i < depth]
+        if k > depth - len(set(skip)):
+            return None
+        return removal_stability(matrix, k, exclude=skip, seed=seed)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (also the cached form of a cosine ranking)."""
         base = self.baseline
         if isinstance(base, dict):
-            base = {k: v.to_dict() for k, v in base.items()}
+            base = {k: summary_json(v.to_dict()) for k, v in base.items()}
         return {
             "measure": self.measure,
             "num_layers": self.num_layers,
@@ -156,6 +185,8 @@ class Measure:
         row: dict[str, Any] = {self.column: None if score is None else _finite(score.score)}
         if self.stderr_column:
             row[self.stderr_column] = None if score is None else score.stderr
+            ci95 = None if score is None else score.ci95
+            row[f"{self.column}_ci95"] = None if ci95 is None else [float(x) for x in ci95]
         if self.documents_column:
             row[self.documents_column] = None if score is None else score.documents
         if self.per_task_column:
@@ -185,6 +216,11 @@ class Measure:
         """Check `request`, then rank the blocks (see `RankRequest`)."""
         self.check(request)
         return self.ranker(request)
+
+
+def summary_json(score: dict[str, Any]) -> dict[str, Any]:
+    """A TaskScore's JSON form without its per-document outcomes (reports stay small)."""
+    return {k: v for k, v in score.items() if k != "outcomes"}
 
 
 def _finite(x: float | None) -> float | None:

@@ -23,6 +23,10 @@ CALIBRATION_SAMPLES = 64
 CALIBRATION_SEQ_LEN = 256
 CALIBRATION_BATCH_SIZE = 8
 DEFAULT_STRATEGIES = ("cosine", "accuracy")
+# Rank on some tasks, judge on others: strategies that evaluate tasks rank on RANK_TASKS (less
+# any reporting task) unless a recipe names its own, and reports default to REPORT_TASKS.
+RANK_TASKS = ("local_arc_easy", "local_winogrande")
+REPORT_TASKS = ("local_piqa", "local_copa", "local_openbookqa")
 DEFAULT_SHARD_SIZE = "2GB"
 DEFAULT_MODEL = "smollm2-135m"
 

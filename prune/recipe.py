@@ -115,7 +115,7 @@ class Strategy(_Section):
 class Evaluation(_Section):
     """The tasks used to *report* quality (and to check `max_drop`)."""
 
-    tasks: Tasks = Field(default_factory=lambda: ["local_arc_easy"])
+    tasks: Tasks = Field(default_factory=lambda: list(defaults.REPORT_TASKS))
     limit: int | None = None
     num_fewshot: int = 0
     metric: Text | None = None
@@ -395,6 +395,14 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
     return [line for line in problems if not dropped.covers(line.split(":", 1)[0])], warnings
 
 
+def default_rank_tasks(report_tasks: Sequence[str]) -> list[str]:
+    """The tasks a strategy that evaluates tasks ranks on when its recipe names none:
+    `defaults.RANK_TASKS` less the reporting tasks, or the reporting tasks when that leaves
+    none (a warning then says the reported scores are optimistic)."""
+    unseen = [t for t in defaults.RANK_TASKS if t not in report_tasks]
+    return unseen or list(report_tasks)
+
+
 def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]) -> None:
     names = measure_names()
     if not recipe.strategies:
@@ -436,9 +444,11 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
         _check_task_names(strat.tasks or [], f"{where}.tasks", problems)
         if needs_tasks and strat.tasks is not None and not strat.tasks:
             problems.append(
-                f"{where}.tasks: must name at least one task (or leave it out to rank on evaluation.tasks)"
+                f"{where}.tasks: must name at least one task (or leave it out to rank on "
+                f"{', '.join(default_rank_tasks(report_tasks))})"
             )
-        shared = sorted(set(strat.tasks or report_tasks) & set(report_tasks))
+        ranked_on = default_rank_tasks(report_tasks) if strat.tasks is None else strat.tasks
+        shared = sorted(set(ranked_on) & set(report_tasks))
         if needs_tasks and shared:
             warnings.append(
                 f"{where}: ranks on the reporting task(s) {', '.join(shared)}: the reported scores of its "
@@ -597,6 +607,9 @@ def parse_recipe(
     problems += checks
     if problems:
         raise RecipeError(source, problems)
+    for strategy in settings.strategies:  # the effective ranking tasks, written out
+        if strategy.tasks is None and get_measure(strategy.name).needs_tasks:
+            strategy.tasks = default_rank_tasks(settings.evaluation.tasks)
     return Recipe.model_construct(**dict(settings), raw_text=text, path=source, warnings=warnings)
 
 

@@ -210,12 +210,31 @@ def test_defaults_and_shorthands():
 
 
 def test_same_rank_and_report_tasks_warn():
-    recipe = parse_recipe(GOOD, depth=30)
-    assert any("optimistic" in w for w in recipe.warnings)
+    shared = parse_recipe(
+        GOOD + "strategies: [cosine, {name: accuracy, tasks: [local_piqa]}]\n", depth=30
+    )
+    assert any("optimistic" in w for w in shared.warnings)
     separate = parse_recipe(
-        GOOD + "strategies: [cosine, {name: accuracy, tasks: [local_copa]}]\n", depth=30
+        GOOD + "strategies: [cosine, {name: accuracy, tasks: [local_arc_easy]}]\n", depth=30
     )
     assert separate.warnings == []
+
+
+def test_ranking_and_report_tasks_default_to_disjoint_sets():
+    recipe = parse_recipe(GOOD, depth=30)
+    assert recipe.warnings == []
+    assert recipe.evaluation.tasks == ["local_piqa", "local_copa", "local_openbookqa"]
+    assert recipe.strategies[1].tasks == ["local_arc_easy", "local_winogrande"]
+    assert recipe.strategies[0].tasks is None  # cosine ranks on the calibration text
+    # a report on one of the default ranking tasks: the strategy ranks on the other
+    own = parse_recipe(GOOD + "evaluation: {tasks: [local_arc_easy]}\n", depth=30)
+    assert own.strategies[1].tasks == ["local_winogrande"] and own.warnings == []
+    # nothing left unseen: rank on the report tasks, with the warning
+    both = parse_recipe(
+        GOOD + "evaluation: {tasks: [local_arc_easy, local_winogrande]}\n", depth=30
+    )
+    assert both.strategies[1].tasks == ["local_arc_easy", "local_winogrande"]
+    assert any("optimistic" in w for w in both.warnings)
 
 
 def test_overrides_are_applied_to_a_copy_and_reported():
@@ -298,9 +317,10 @@ def test_settings_keep_their_json_shape():
         "model", "dtype", "device", "data_dir", "seed", "description",
         "calibration", "strategies", "evaluation", "prune", "export", "push",
     ]  # fmt: skip
+    # the effective ranking tasks are written out (cosine ranks on the calibration text)
     assert settings["strategies"] == [
-        {"name": n, "tasks": None, "limit": None, "num_fewshot": None, "metric": None}
-        for n in ("cosine", "accuracy")
+        {"name": n, "tasks": t, "limit": None, "num_fewshot": None, "metric": None}
+        for n, t in (("cosine", None), ("accuracy", ["local_arc_easy", "local_winogrande"]))
     ]
     assert settings["calibration"] == {
         "source": None,

@@ -394,3 +394,20 @@ def test_cosine_ranking_is_cached(tmp_path, monkeypatch):
     again = cosine_mod.cached_cosine_relevance(loaded, TEXTS, seq_len=32, cache=cache)
     assert again.order() == first.order()
     assert [s.score for s in again.scores] == [s.score for s in first.scores]
+    # the per-text scores behind ranking stability survive the cache too
+    assert again.signals == first.signals and len(again.signals[0]["calibration"]) == len(TEXTS)
+
+
+def test_cosine_keeps_per_text_scores_for_stability():
+    model, tok = tiny_model("llama", 4, seed=2), byte_tokenizer()
+    _make_identity(model, 2)
+    ranking = cosine_relevance(model, tok, TEXTS, seq_len=64, batch_size=2)
+    alone = cosine_relevance(model, tok, [TEXTS[1]], seq_len=64, batch_size=1)
+    for i in range(4):
+        assert ranking.signals[i]["calibration"][1] == pytest.approx(
+            alone.scores[i].score, abs=1e-5
+        )
+    stable = ranking.stability(1)
+    # the identity block changes no text's hidden states: it is removed in every resample
+    assert stable.removal_set == [2] and stable.probability[2] == 1.0 and stable.jaccard == 1.0
+    assert ranking.stability(1, exclude=[2]).removal_set != [2]

@@ -152,7 +152,11 @@ def cosine_relevance(
         "block_size": block_size,
         "tokens": count,
     }
-    return Ranking("angular" if use_angular else "cosine", scores, num_layers, None, settings)
+    # Each text's mean score per block: the documents of ranking stability (texts weigh equally).
+    rows = stacked.T.tolist()  # (S, N)
+    signals = {i: {"calibration": dict(enumerate(row))} for i, row in enumerate(rows)}
+    measure = "angular" if use_angular else "cosine"
+    return Ranking(measure, scores, num_layers, None, settings, signals)
 
 
 def cached_cosine_relevance(
@@ -200,11 +204,23 @@ def cached_cosine_relevance(
     if isinstance(data, dict):
         try:
             scores = [LayerScore(**row) for row in data["layers"]]
-            return Ranking(data["measure"], scores, data["num_layers"], None, data["settings"])
+            per_text = data.get("per_text")  # block -> each text's mean score
+            signals = (
+                {i: {"calibration": dict(enumerate(row))} for i, row in enumerate(per_text)}
+                if per_text
+                else None
+            )
+            return Ranking(
+                data["measure"], scores, data["num_layers"], None, data["settings"], signals
+            )
         except (KeyError, TypeError):
             pass  # an old or corrupt entry: recompute
     ranking = compute()
-    cache.put_json(key, ranking.to_dict())
+    per_text = [
+        [ranking.signals[i]["calibration"][t] for t in sorted(ranking.signals[i]["calibration"])]
+        for i in sorted(ranking.signals)
+    ]
+    cache.put_json(key, {**ranking.to_dict(), "per_text": per_text})
     return ranking
 
 

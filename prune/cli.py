@@ -359,7 +359,13 @@ def run(
     click.echo(format_table(headline_rows(result.comparison)))
     click.echo("")
     click.echo(f"outputs in {result.out}/:")
-    for name in ("comparison.md", "comparison.json", "relevance.png", "recipe.yaml"):
+    for name in (
+        "comparison.md",
+        "comparison.json",
+        "relevance.png",
+        "tradeoff.png",
+        "recipe.yaml",
+    ):
         if (result.out / name).exists():
             click.echo(f"  {result.out / name}")
     for name, folder in result.variants.items():

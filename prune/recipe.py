@@ -358,6 +358,7 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
     _check_task_names(ev.tasks, "evaluation.tasks", problems)
 
     _check_strategies(recipe, problems, warnings)
+    _check_calibration_overlap(recipe, warnings)
 
     pr = recipe.prune
     _choice(pr.schedule, defaults.SCHEDULES, "prune.schedule", problems)
@@ -401,6 +402,26 @@ def default_rank_tasks(report_tasks: Sequence[str]) -> list[str]:
     none (a warning then says the reported scores are optimistic)."""
     unseen = [t for t in defaults.RANK_TASKS if t not in report_tasks]
     return unseen or list(report_tasks)
+
+
+def _check_calibration_overlap(recipe: Settings, warnings: list[str]) -> None:
+    """The default calibration text is the first LAMBADA passages: the same documents
+    local_lambada reports on first. Say so when a text-ranked strategy would see them."""
+    text_users = [
+        s.name
+        for s in recipe.strategies
+        if s.name in measure_names() and get_measure(s.name).needs_texts
+    ]
+    if (
+        text_users
+        and "local_lambada" in recipe.evaluation.tasks
+        and recipe.calibration.source in (None, "default")
+    ):
+        warnings.append(
+            f"calibration: the default text is the first LAMBADA passages, which local_lambada "
+            f"also reports on, so {', '.join(text_users)} ranked on reporting data (set "
+            "calibration.source to other text)"
+        )
 
 
 def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]) -> None:

@@ -392,3 +392,12 @@ def test_a_bad_shard_size_fails_validation_naming_it(size, tmp_path):
     assert result.exit_code == 1
     assert "export.max_shard_size: must be a size like 2GB, 500MB or 1.5GiB" in result.output
     assert f"got '{size}'" in result.output and "Traceback" not in result.output
+
+
+def test_default_calibration_text_overlapping_a_report_task_warns():
+    lambada = GOOD + "evaluation: {tasks: [local_piqa, local_lambada]}\n"
+    warned = parse_recipe(lambada, depth=30).warnings
+    assert any("first LAMBADA passages" in w and "cosine" in w for w in warned)
+    own_text = parse_recipe(lambada + "calibration: {source: texts.txt}\n", depth=30)
+    assert not any("LAMBADA" in w for w in own_text.warnings)
+    assert not any("LAMBADA" in w for w in parse_recipe(GOOD, depth=30).warnings)

@@ -112,12 +112,18 @@ def _pairs(rankings: dict[str, Ranking], indices: list[int]) -> dict[str, dict[s
     return pairs
 
 
-def _stability(rankings: dict[str, Ranking], k: int) -> dict[str, Any]:
-    """Removal-set stability of the k least relevant blocks, for every ranking that kept its
-    per-document contributions for every block (`prune.stats.removal_stability`)."""
+def ranking_stability(
+    rankings: dict[str, Ranking],
+    removals: dict[str, int],
+    exclude: Sequence[int] = (),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per measure whose ranking kept per-document contributions for every block: how stable
+    the removal of its `removals[name]` least relevant blocks (never those in `exclude`) is
+    when the documents are resampled (`prune.stats.Stability.to_dict()`); others left out."""
     out = {}
     for name, ranking in rankings.items():
-        found = ranking.stability(k)
+        found = ranking.stability(removals.get(name, 0), exclude=exclude, seed=seed)
         if found is not None:
             out[name] = found.to_dict()
     return out
@@ -147,7 +153,7 @@ def build_report(
         row |= {f"rank_{name}": ranks[name].get(i) for name in rankings}
         layers.append(row)
     k = max(1, round(STABILITY_FRACTION * depth))
-    stable = _stability(rankings, k)
+    stable = ranking_stability(rankings, dict.fromkeys(rankings, k))
     for row in layers:
         row |= {f"p_removed_{name}": st["probability"][row["index"]] for name, st in stable.items()}
     pairs = _pairs(rankings, indices)

@@ -279,9 +279,9 @@ def export(run: Run) -> None:
     """Build the comparison record, then write one checkpoint per strategy with its card."""
     from prune.card import render_card
     from prune.export import export_checkpoint
-    from prune.layer_report import build_report
+    from prune.layer_report import build_report, ranking_stability
     from prune.plot import plot_relevance, plot_tradeoff
-    from prune.report import build_comparison, paired_comparison, stability, step_intervals
+    from prune.report import build_comparison, paired_comparison, step_intervals
     from prune.surgery import drop_layers, restore_layers
 
     relevance = build_report(run.loaded.source.spec, run.rankings, {}) if run.rankings else {}
@@ -310,7 +310,7 @@ def export(run: Run) -> None:
         overrides=run.overrides,
         engine=run.engine,
         paired=paired_comparison(run.baseline, finals, seed) if with_outcomes else None,
-        stable=stability(run.rankings, removals, run.recipe.prune.protect, seed),
+        stable=ranking_stability(run.rankings, removals, run.recipe.prune.protect, seed),
         intervals={n: step_intervals(run.baseline, v, seed) for n, v in steps.items()}
         if with_outcomes
         else None,

@@ -119,20 +119,6 @@ def verdict(means: Mapping[str, float], paired: Mapping[str, Any]) -> tuple[str 
     return None, "the variants are not distinguishable: " + "; ".join(parts)
 
 
-def stability(
-    rankings: Mapping[str, Any], removals: Mapping[str, int], protect: Sequence[int], seed: int = 0
-) -> dict[str, Any]:
-    """Per strategy whose full-model ranking kept per-document contributions: how stable its
-    removal set of `removals[name]` blocks is when the documents are resampled
-    (`prune.stats.Stability.to_dict()`); strategies without them are left out."""
-    out: dict[str, Any] = {}
-    for name, ranking in rankings.items():
-        found = ranking.stability(removals.get(name, 0), exclude=protect, seed=seed)
-        if found is not None:
-            out[name] = found.to_dict()
-    return out
-
-
 def build_comparison(
     *,
     recipe: Any,

@@ -24,7 +24,6 @@ Not a measure (the leading underscore keeps it out of the registry).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -80,31 +79,30 @@ def per_document(
             q = _distribution(outcomes.lls[i], outcomes.choice_lengths[i], metric)
             out[doc] = float(np.sum(np.exp(p) * (p - q)))
         return out
-    compute: Callable[[np.ndarray, int | None], float]
-    if signal == "probability":
+    try:
+        one = _PER_DOCUMENT[signal]
+    except KeyError:
+        raise ValueError(f"unknown signal '{signal}' (accepted: {', '.join(SIGNALS)})") from None
+    return {
+        doc: one(outcomes.lls[i], outcomes.choice_lengths[i], outcomes.gold[i], metric)
+        for i, doc in enumerate(outcomes.doc_ids)
+    }
 
-        def compute(logp: np.ndarray, gold: int | None) -> float:
-            return float(np.exp(logp[0 if gold is None else gold]))
 
-    elif signal == "margin":
+def _gold_probability(lls: list[float], lengths: list[int], gold: int | None, metric: str) -> float:
+    """The probability the model gives the gold choice (or the single continuation)."""
+    return float(np.exp(_distribution(lls, lengths, metric)[0 if gold is None else gold]))
 
-        def compute(scores: np.ndarray, gold: int | None) -> float:
-            if gold is None or len(scores) == 1:
-                return float(scores[0])
-            wrong = np.delete(scores, gold)
-            return float(scores[gold] - wrong.max())
 
-    else:
-        raise ValueError(f"unknown signal '{signal}' (accepted: {', '.join(SIGNALS)})")
-    out = {}
-    for i, doc in enumerate(outcomes.doc_ids):
-        lls, nbytes, gold = outcomes.lls[i], outcomes.choice_lengths[i], outcomes.gold[i]
-        if signal == "probability":
-            values = _distribution(lls, nbytes, metric)
-        else:
-            values = _scores(lls, nbytes, "acc" if len(lls) == 1 else metric)
-        out[doc] = compute(values, gold)
-    return out
+def _gold_margin(lls: list[float], lengths: list[int], gold: int | None, metric: str) -> float:
+    """The gold choice's score minus the best wrong one's (a single continuation's own score)."""
+    scores = _scores(lls, lengths, "acc" if len(lls) == 1 else metric)
+    if gold is None or len(scores) == 1:
+        return float(scores[0])
+    return float(scores[gold] - np.delete(scores, gold).max())
+
+
+_PER_DOCUMENT = {"probability": _gold_probability, "margin": _gold_margin}
 
 
 def contributions(signal: str, base: Any, candidate: Any, metric: str) -> dict[int, float]:

@@ -153,10 +153,15 @@ def cosine_relevance(
         "tokens": count,
     }
     # Each text's mean score per block: the documents of ranking stability (texts weigh equally).
-    rows = stacked.T.tolist()  # (S, N)
-    signals = {i: {"calibration": dict(enumerate(row))} for i, row in enumerate(rows)}
+    signals = _text_signals(stacked.T.tolist())  # from (S, N)
     measure = "angular" if use_angular else "cosine"
     return Ranking(measure, scores, num_layers, None, settings, signals)
+
+
+def _text_signals(per_text: list[list[float]]) -> dict[int, dict[str, dict[int, float]]]:
+    """`Ranking.signals` from each block's per-text scores (block -> text -> score): the
+    calibration texts are the documents of ranking stability."""
+    return {i: {"calibration": dict(enumerate(row))} for i, row in enumerate(per_text)}
 
 
 def cached_cosine_relevance(
@@ -205,11 +210,7 @@ def cached_cosine_relevance(
         try:
             scores = [LayerScore(**row) for row in data["layers"]]
             per_text = data.get("per_text")  # block -> each text's mean score
-            signals = (
-                {i: {"calibration": dict(enumerate(row))} for i, row in enumerate(per_text)}
-                if per_text
-                else None
-            )
+            signals = _text_signals(per_text) if per_text else None
             return Ranking(
                 data["measure"], scores, data["num_layers"], None, data["settings"], signals
             )

@@ -2,7 +2,8 @@
 
     python benchmarks/study_signals.py [--model smollm2-135m] [--rank-limit 300]
         [--report-limit 300] [--resamples 200] [--depths 2,4,6,8] [--remove 8]
-        [--threads 2] [--data-dir DIR] [--out bench-out/study-<model>]
+        [--signal kl] [--rescore 4] [--threads 2] [--data-dir DIR]
+        [--out bench-out/study-<model>]
     make study STUDY_ARGS="--model gemma3-270m"
 
 Part A (ranking tasks, default local_arc_easy + local_winogrande, first `--rank-limit`
@@ -29,6 +30,18 @@ strategy and depth: the mean report score (mean over tasks of each task's metric
 paired difference (`prune.stats.paired_difference`, seeded) with the base model and
 with cosine at the same depth, and the same for the multiple-choice tasks and the
 next-word task (LAMBADA) on their own.
+
+Part C (interactions, on the same ranking documents, signal `--signal`, default kl):
+- `<signal>-span2`: every span of two consecutive blocks (first and last excluded) is
+  removed and scored; spans are taken least relevant first, never overlapping (what
+  `span: 2` does in a recipe, one-shot);
+- `angular-span2`: the same with the angular distance over the calibration texts;
+- `angular-gromov`: for each depth d, the one span of d blocks with the smallest
+  angular distance (Gromov et al.);
+- `<signal>-iterative`: greedy, re-measuring after each removal the `--rescore` blocks
+  that looked least relevant when last measured (what `schedule: iterative` with
+  `rescore:` does); its wall time beside part A's one-shot evaluation.
+Their removal sets join part B.
 
 Outputs under `--out`:
 - study.json: settings, timings, part_a (per signal: relevance per block, order,
@@ -184,6 +197,83 @@ def part_a(loaded, settings, args, k: int, cache) -> dict:
     }
 
 
+def signal_relevance(base: dict, results: list[dict], signal: str) -> np.ndarray:
+    """Mean over tasks of the mean per-document cost of each candidate removal: (C,)."""
+    matrices = signal_matrices(base, results, signal)
+    return sum(m.mean(axis=1) for m in matrices.values()) / len(matrices)
+
+
+def take_spans(scores: dict[tuple[int, ...], float], blocks: int) -> list[int]:
+    """Blocks in removal order: spans least relevant first (ties to the lower start), each
+    skipped when it overlaps one already taken, until `blocks` blocks."""
+    taken: list[int] = []
+    for span in sorted(scores, key=lambda sp: (scores[sp], sp)):
+        if len(taken) + len(span) > blocks:
+            break
+        if not set(span) & set(taken):
+            taken.extend(span)
+    return taken
+
+
+def part_c(loaded, settings, args, a: dict, cache) -> dict:
+    """The span and iterative strategies: removal orders (or per-depth sets) and timings."""
+    from prune.measures import RankRequest, get_measure
+
+    layers = count_layers(loaded.model)
+    inner = range(1, layers - 1)
+    deepest = max(args.depths)
+    out: dict = {"orders": {}, "sets": {}, "seconds": {}}
+
+    log(f"part C: {args.signal} on spans of 2 blocks")
+    start = time.perf_counter()
+    pairs = [(i, i + 1) for i in inner if i + 1 in inner]
+    results = evaluate_removals(loaded, settings, [(), *pairs], cache=cache, progress=True)
+    relevance = signal_relevance(results[0], results[1:], args.signal)
+    out["orders"][f"{args.signal}-span2"] = take_spans(
+        dict(zip(pairs, relevance.tolist(), strict=True)), deepest
+    )
+    out["seconds"][f"{args.signal}-span2"] = time.perf_counter() - start
+
+    texts = calibration(args)
+    log("part C: angular distance over spans")
+    start = time.perf_counter()
+    two = cached_cosine_relevance(loaded, texts, block_size=2, angular=True, cache=cache)
+    spans2 = {s.layers: s.score for s in two.scores if set(s.layers) <= set(inner)}
+    out["orders"]["angular-span2"] = take_spans(spans2, deepest)
+    for depth in args.depths:
+        ranking = cached_cosine_relevance(
+            loaded, texts, block_size=depth, angular=True, cache=cache
+        )
+        best = min(
+            (s for s in ranking.scores if set(s.layers) <= set(inner)),
+            key=lambda s: (s.score, s.index),
+        )
+        out["sets"][("angular-gromov", depth)] = list(best.layers)
+    out["seconds"]["angular"] = time.perf_counter() - start
+
+    log(f"part C: {args.signal}, iterative, re-measuring {args.rescore} per round")
+    start = time.perf_counter()
+    latest = dict(enumerate(a["signals"][args.signal]["relevance"]))
+    measure = get_measure("accuracy" if args.signal == "correct" else args.signal)
+    removed: list[int] = []
+    rounds = []
+    while len(removed) < deepest:
+        if removed:
+            usable = [i for i in inner if i not in removed]
+            starts = sorted(usable, key=lambda i: (latest[i], i))[: args.rescore]
+            request = RankRequest(
+                loaded, settings=settings, layers=starts, removed=tuple(removed), cache=cache
+            )
+            latest.update({sc.index: sc.score for sc in measure.rank(request).scores})
+            rounds.append(starts)
+        pick = min((i for i in inner if i not in removed), key=lambda i: (latest[i], i))
+        removed.append(pick)
+    out["orders"][f"{args.signal}-iterative"] = removed
+    out["seconds"][f"{args.signal}-iterative"] = time.perf_counter() - start
+    out["iterative_rounds"] = rounds
+    return out
+
+
 def calibration(args) -> list[str]:
     """The cosine texts; by default LAMBADA passages the report does not score."""
     skip = 0
@@ -197,9 +287,11 @@ def calibration(args) -> list[str]:
     return texts
 
 
-def part_b(loaded, settings, strategies: dict[str, list[int]], depths, cache) -> dict:
-    """Score every strategy's first-d removal sets on the report tasks, with paired stats."""
+def part_b(loaded, settings, strategies: dict[str, list[int]], depths, cache, fixed=None) -> dict:
+    """Score every strategy's first-d removal sets (and the `fixed` (strategy, d) -> set ones)
+    on the report tasks, with paired stats."""
     sets = {(s, d): tuple(sorted(order[:d])) for s, order in strategies.items() for d in depths}
+    sets |= {key: tuple(sorted(removed)) for key, removed in (fixed or {}).items()}
     unique = [()] + list(dict.fromkeys(sets.values()))
     start = time.perf_counter()
     results = evaluate_removals(loaded, settings, unique, cache=cache, progress=True)
@@ -243,14 +335,18 @@ def part_b(loaded, settings, strategies: dict[str, list[int]], depths, cache) ->
 
 
 MARKERS = {"cosine": "s", "correct": "o", "probability": "^", "margin": "v", "kl": "D"}
+MARKERS |= {"angular": "P"}
+DASHES = {"span2": "--", "gromov": ":", "iterative": "-."}
 
 
 def style(strategy: str) -> dict:
-    """Colour from the measure registry (the correct signal is the accuracy measure)."""
+    """Colour from the measure registry (the correct signal is the accuracy measure); spans
+    and the iterative schedule are dashed."""
     from prune.measures import get_measure
 
-    color = get_measure("accuracy" if strategy == "correct" else strategy).color
-    return {"color": color, "marker": MARKERS[strategy]}
+    measure, _, kind = strategy.partition("-")
+    color = get_measure("accuracy" if measure == "correct" else measure).color
+    return {"color": color, "marker": MARKERS[measure], "linestyle": DASHES.get(kind, "-")}
 
 
 def render(draw, title: str, xlabel: str, ylabel: str, ticks: list[int]) -> bytes:
@@ -281,7 +377,12 @@ def plot_stability(a: dict, model: str, k: int) -> bytes:
             entry = a["signals"][signal]
             ys = [entry["subsample_jaccard"][n]["mean"] for n in sizes]
             ax.plot(sizes, ys, label=signal, **style(signal))
-            ax.plot([full], [entry["bootstrap"]["jaccard"]], mfc="none", **style(signal))
+            ax.plot(
+                [full],
+                [entry["bootstrap"]["jaccard"]],
+                mfc="none",
+                **style(signal) | {"linestyle": ""},
+            )
         ax.plot([], [], "ko", mfc="none", label=f"bootstrap, all {full} documents")
         ax.set_xscale("log")
         ax.set_ylim(0, 1.05)
@@ -361,6 +462,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", type=ints, default=None, help="default: per model")
     parser.add_argument("--remove", type=int, default=None, help="k of part A (default: max depth)")
     parser.add_argument("--calibration", default=None, help="cosine texts (default: LAMBADA)")
+    parser.add_argument("--signal", default="kl", help="the signal of part C's strategies")
+    parser.add_argument("--rescore", type=int, default=4, help="part C iterative: per round")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="default: bench-out/study-<model>")
@@ -372,8 +475,15 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"ranking and report tasks must be disjoint; both list {', '.join(shared)}")
     args.depths = sorted(set(args.depths or ints(DEPTHS.get(args.model, "2,4,6,8"))))
     args.remove = args.remove or max(args.depths)
-    if min(args.depths + args.sizes + [args.resamples, args.remove, args.threads]) < 1:
-        parser.error("--depths, --sizes, --resamples, --remove, --threads take positive integers")
+    if args.signal not in SIGNALS:
+        parser.error(f"--signal {args.signal!r}: accepted {', '.join(SIGNALS)}")
+    if (
+        min(args.depths + args.sizes + [args.resamples, args.remove, args.threads, args.rescore])
+        < 1
+    ):
+        parser.error(
+            "--depths, --sizes, --resamples, --remove, --threads, --rescore take positive integers"
+        )
     name = re.sub(r"[^\w.-]+", "_", Path(args.model).name)
     args.out = Path(args.out or f"bench-out/study-{name}")
     return args
@@ -396,10 +506,12 @@ def main() -> None:
     rank = EvalSettings(tasks=args.rank_tasks, limit=args.rank_limit, data_dir=args.data_dir)
     report = EvalSettings(tasks=args.report_tasks, limit=args.report_limit, data_dir=args.data_dir)
     a = part_a(loaded, rank, args, args.remove, cache)
+    c = part_c(loaded, rank, args, a, cache)
     strategies = {"cosine": a["signals"]["cosine"]["order"]}
     strategies |= {s: a["signals"][s]["order"] for s in SIGNALS}
+    strategies |= c["orders"]
     log("part B: scoring the removal sets on the report tasks")
-    b = part_b(loaded, report, strategies, args.depths, cache)
+    b = part_b(loaded, report, strategies, args.depths, cache, c.pop("sets"))
     record = {
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         # vars(args): model, tasks, limits, remove (= k), depths, sizes, resamples, ...
@@ -408,10 +520,12 @@ def main() -> None:
             "load_seconds": loaded_seconds,
             "part_a_seconds": a.pop("seconds"),
             "part_b_seconds": b.pop("seconds"),
+            "part_c_seconds": c.pop("seconds"),
             "total_seconds": time.perf_counter() - started,
         },
         "part_a": a,
         "part_b": b,
+        "part_c": c,
     }
     write_file(args.out / "study.json", json.dumps(record, indent=2))
     write_file(args.out / "stability.png", plot_stability(a, args.model, args.remove))

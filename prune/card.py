@@ -85,7 +85,12 @@ def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dic
         meta["license"] = model["license"]
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["pruned", "layer-pruning", "prune", f"{strategy}-ranking"]
+    meta["tags"] = [
+        "pruned",
+        "layer-pruning",
+        "prune",
+        f"{_measure_of(comparison, strategy)}-ranking",
+    ]
     results = []
     for task, value in variant["final"]["scores"].items():
         metric = evaluation.get("metrics", {}).get(task, "acc")
@@ -144,21 +149,32 @@ def _ranking_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[
 
     measures = registry()
     settings = comparison.get("settings") or {}
-    by_name = {s["name"]: s for s in settings.get("strategies", []) if isinstance(s, Mapping)}
+    listed = [s for s in settings.get("strategies", []) if isinstance(s, Mapping)]
     evaluation = settings.get("evaluation") or {}
     calibration = settings.get("calibration") or {}
     lines = []
     for name in order:
-        strat = by_name.get(name, {})
-        measure = measures.get(name)
+        spec = comparison["strategies"][name].get("strategy") or {}
+        measure_name = spec.get("measure", name)
+        span = spec.get("span") or 1
+        strat = next(
+            (s for s in listed if s.get("name") == measure_name and (s.get("span") or 1) == span),
+            {},
+        )
+        measure = measures.get(measure_name)
+        label = measure.label_for(span) if measure is not None else measure_name
         if measure is not None and measure.needs_tasks:
             tasks = ", ".join(strat.get("tasks") or evaluation.get("tasks") or [])
             limit = strat.get("limit") or evaluation.get("limit")
-            how = f"{measure.label} on {tasks}" + (f" (first {limit} documents)" if limit else "")
+            how = f"{label} on {tasks}" + (f" (first {limit} documents)" if limit else "")
         elif calibration:
-            how = f"{name} on {calibration.get('samples')} calibration texts of up to {calibration.get('seq_len')} tokens"
+            how = f"{label} on {calibration.get('samples')} calibration texts of up to {calibration.get('seq_len')} tokens"
         else:
-            how = name
+            how = label
+        if span > 1:
+            how += f", in spans of {span} consecutive blocks"
+        if spec.get("rescore"):
+            how += f", re-measuring the {spec['rescore']} least relevant after each removal"
         stop = comparison["strategies"][name].get("stop_reason")
         lines.append(
             f"- **{name}**: ranked by {how}; stopped: {stop}."
@@ -270,6 +286,11 @@ def _correlation_lines(comparison: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _measure_of(comparison: Mapping[str, Any], name: str) -> str:
+    """The registered measure behind the variant `name` (its name when not recorded)."""
+    return (comparison["strategies"][name].get("strategy") or {}).get("measure", name)
+
+
 def _strategy_notes(order: Sequence[str]) -> str:
     """One sentence per strategy saying what its measure ranks by (from the measure registry)."""
     from prune.measures import registry
@@ -277,7 +298,7 @@ def _strategy_notes(order: Sequence[str]) -> str:
     measures = registry()
     parts = [
         f"`{name}` ranks a block by {measures[name].description}"
-        for name in order
+        for name in dict.fromkeys(order)
         if name in measures
     ]
     return "; ".join(parts) + "." if parts else ""
@@ -407,7 +428,7 @@ def render_card(
         f"{final['layers']} blocks, {_count(final.get('params'))} parameters.",
         "",
         "Blocks were removed one at a time, least relevant first. "
-        + _strategy_notes(order)
+        + _strategy_notes([_measure_of(comparison, n) for n in order])
         + " This card compares the strategies run by the same recipe.",
         "",
         *comparison_sections(comparison, order, figure),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,17 @@ def _configure_libraries(verbosity: Verbosity, *, datasets: bool = False) -> Non
         disable_progress_bar()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so every cleanup (`finally`) runs on the way out."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def handle_errors(func):
-    """Turn library errors into one `Error: ...` line and exit code 1."""
+    """Turn library errors into one `Error: ...` line and exit code 1; Ctrl-C and SIGTERM
+    into `Error: interrupted` and 130 or 143 (128 + the signal, as shells report it)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -98,9 +108,9 @@ def handle_errors(func):
             raise click.ClickException(f"{exc.reason} (use --engine lm-eval)") from exc
         except PruneError as exc:
             raise click.ClickException(str(exc)) from exc
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             click.echo("Error: interrupted", err=True)
-            sys.exit(130)
+            sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
 
     return wrapper
 
@@ -647,6 +657,8 @@ def compare(
 
 
 def main() -> None:
+    """The `prune` entry point: SIGTERM (e.g. from a job scheduler) is handled like Ctrl-C."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
     cli(prog_name="prune")
 
 

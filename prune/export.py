@@ -3,25 +3,25 @@
 The folder holds `config.json`, `model.safetensors` (sharded above
 `max_shard_size`), `generation_config.json`, tokenizer files and `prune.json`.
 Each safetensors file's metadata also records the removed layers and the
-source. Everything is written into a temporary sibling folder that is renamed
+source, written in the same pass as the tensors (never a second copy of a
+shard). Everything is written into a temporary sibling folder that is renamed
 into place at the end (`prune.atomic.atomic_folder`), so an interrupted export
-never leaves a half-written folder behind.
+never leaves a half-written folder behind, and the temporaries of an export that
+was killed outright are removed before the next one to the same place.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save_file
-
 from prune import __version__
-from prune.atomic import atomic_folder
+from prune.atomic import atomic_folder, sweep_temporaries, write_error
 from prune.defaults import DEFAULT_SHARD_SIZE
 from prune.errors import PruneError
 from prune.models import LoadedModel
@@ -48,13 +48,42 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise PruneError(f"cannot write output folder '{out}': '{parent}' is not a writable folder")
 
 
-def _stamp_safetensors(folder: Path, metadata: dict[str, str]) -> None:
-    """Add our metadata to every safetensors file (rewriting it; tensors unchanged)."""
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            existing = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        save_file(tensors, str(path), metadata={**existing, **metadata})
+@contextmanager
+def _safetensors_metadata(ours: dict[str, str]) -> Iterator[None]:
+    """Make `save_pretrained` write `ours` into every safetensors file it saves, beside
+    its own ("format": "pt"), in the same pass as the tensors.
+
+    transformers has no argument for it: its `safe_save_file` (safetensors' `save_file`,
+    looked up at call time) is wrapped for the duration of the block.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    original = modeling_utils.safe_save_file
+
+    def save_with_metadata(tensors, filename, metadata=None):
+        return original(tensors, filename, metadata={**(metadata or {}), **ours})
+
+    modeling_utils.safe_save_file = save_with_metadata
+    try:
+        yield
+    finally:
+        modeling_utils.safe_save_file = original
+
+
+def _tensor_metadata(record: Mapping[str, Any]) -> dict[str, str]:
+    """What every safetensors file records about the pruning (a subset of prune.json)."""
+    return {
+        "prune.removed_layers": json.dumps(record["removed_layers"]),
+        "prune.source": json.dumps(
+            {k: record["source"][k] for k in ("spec", "hub_id", "revision", "sha256")}
+        ),
+        "prune.version": __version__,
+    }
+
+
+def _write_record(folder: Path, record: Mapping[str, Any]) -> None:
+    """Write prune.json (after the weights and the tokenizer)."""
+    (folder / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def prune_record(
@@ -90,16 +119,21 @@ def export_checkpoint(
 
     `removed` are the layer indices removed from the source model; `max_shard_size` is a
     size such as "2GB" or a byte count; `files` maps extra file names (e.g. README.md) to
-    their contents. An existing `out` is replaced only with `overwrite`; any OSError
-    (disk full, permissions) becomes one PruneError and leaves `out` as it was.
+    their contents. An existing `out` is replaced only with `overwrite`; any OSError or
+    SafetensorError (disk full, permissions) becomes one PruneError and leaves `out` as it
+    was. Temporaries that a killed export left beside `out` are removed first.
     """
     out = Path(out)
     check_output_dir(out, overwrite)
     shard_bytes = parse_size(max_shard_size)  # transformers gets bytes, never the text
+    sweep_temporaries(out)
     try:
-        with atomic_folder(out) as tmp:
+        with atomic_folder(out, what="output folder") as tmp:
             _write_checkpoint(loaded, tmp, removed, layers_before, shard_bytes, extra, files)
-    except OSError as exc:
+    except OSError as exc:  # the errors `atomic_folder` does not name (e.g. a name too long)
+        error = write_error(exc, out, "output folder")
+        if error is not None:
+            raise error from exc
         raise PruneError(f"cannot write output folder '{out}': {exc.strerror or exc}") from exc
     return out
 
@@ -114,21 +148,12 @@ def _write_checkpoint(
     files: Mapping[str, str | bytes] | None,
 ) -> None:
     """Write every file of the checkpoint into `folder` (a private temporary one)."""
-    loaded.model.save_pretrained(folder, max_shard_size=shard_bytes)
+    record = prune_record(loaded, removed, layers_before, extra)
+    with _safetensors_metadata(_tensor_metadata(record)):
+        loaded.model.save_pretrained(folder, max_shard_size=shard_bytes)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
-    record = prune_record(loaded, removed, layers_before, extra)
-    _stamp_safetensors(
-        folder,
-        {
-            "prune.removed_layers": json.dumps(record["removed_layers"]),
-            "prune.source": json.dumps(
-                {k: record["source"][k] for k in ("spec", "hub_id", "revision", "sha256")}
-            ),
-            "prune.version": __version__,
-        },
-    )
-    (folder / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
+    _write_record(folder, record)
     for name, content in (files or {}).items():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)

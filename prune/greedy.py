@@ -11,6 +11,10 @@ Schedules:
 - `one-shot`: rank the full model once and remove in that order;
 - `iterative`: re-rank the slimmed model after every removal (SLEB style).
 
+A ranking may score spans of consecutive blocks (tuple keys) instead of single
+blocks: each step then removes a whole span, never one overlapping a block already
+removed or protected (Gromov et al.; Minitron's contiguous removal).
+
 Stopping rules, whichever comes first: `target` removals reached, or the mean
 reporting score falls more than `max_drop` below the baseline (that last step is
 undone and kept as `rejected`), or nothing removable is left (protected layers
@@ -26,7 +30,8 @@ from typing import Any
 
 from prune.errors import PruneError
 
-RankFn = Callable[[tuple[int, ...]], Mapping[int, float]]
+# A candidate is one block (an int) or a span of blocks (a tuple of original indices).
+RankFn = Callable[[tuple[int, ...]], Mapping[int | tuple[int, ...], float]]
 ScoreFn = Callable[[tuple[int, ...]], Mapping[str, float]]
 ParamsFn = Callable[[tuple[int, ...]], int]
 
@@ -36,7 +41,7 @@ class PruneStep:
     """One row of the history; step 0 is the unpruned model."""
 
     step: int
-    removed_layer: int | None  # original index of the block removed at this step
+    removed_layer: int | None  # original index of the (first) block removed at this step
     removed: list[int]  # all original indices removed so far, sorted
     layers_left: int
     params: int | None
@@ -45,6 +50,8 @@ class PruneStep:
     drop: float  # baseline mean score minus this step's mean score
     relevance: float | None  # the removed block's relevance when it was picked
     seconds: float
+    # Every block removed at this step (several when the strategy removes spans).
+    removed_span: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,12 +89,30 @@ def _mean(scores: Mapping[str, float]) -> float:
     return sum(scores.values()) / len(scores) if scores else float("nan")
 
 
-def _order(relevance: Mapping[int, float], excluded: set[int]) -> list[tuple[int, float]]:
-    """Candidates, least relevant first; ties go to the lower index so runs are reproducible."""
+def _order(
+    relevance: Mapping[int | tuple[int, ...], float], excluded: set[int]
+) -> list[tuple[tuple[int, ...], float]]:
+    """Candidates (as tuples of blocks) none of whose blocks is excluded, least relevant
+    first; ties go to the lower index so runs are reproducible."""
+    units = (((k,) if isinstance(k, int) else tuple(k), float(r)) for k, r in relevance.items())
     return sorted(
-        ((i, float(r)) for i, r in relevance.items() if i not in excluded),
+        ((u, r) for u, r in units if not set(u) & excluded),
         key=lambda x: (x[1], x[0]),
     )
+
+
+def _plan(queue: list[tuple[tuple[int, ...], float]], limit: int) -> list[tuple[int, ...]]:
+    """The removals a one-shot schedule will make, in order: candidates least relevant first,
+    skipping those that overlap a block already planned, until `limit` blocks."""
+    taken: set[int] = set()
+    planned = []
+    for unit, _ in queue:
+        if len(taken) + len(unit) > limit:
+            break
+        if not set(unit) & taken:
+            taken |= set(unit)
+            planned.append(tuple(sorted(taken)))
+    return planned
 
 
 def greedy_prune(
@@ -144,7 +169,7 @@ def greedy_prune(
         on_step(history[0])
     removed: list[int] = []
     rankings: list[dict[int, float]] = []
-    queue: list[tuple[int, float]] = []
+    queue: list[tuple[tuple[int, ...], float]] = []
     stop_reason = ""
     rejected = None
     limit = removable if target is None else target
@@ -159,23 +184,24 @@ def greedy_prune(
         t0 = time.perf_counter()
         current = tuple(sorted(removed))
         if schedule == "iterative" or not rankings:
-            relevance = {int(k): float(v) for k, v in rank(current).items()}
-            rankings.append(relevance)
+            relevance = rank(current)
+            rankings.append({_unit_key(k): float(v) for k, v in relevance.items()})
             queue = _order(relevance, protected | set(removed))
             if prefetch is not None and schedule == "one-shot":
-                planned = [layer for layer, _ in queue[:limit]]
-                prefetch([tuple(sorted(planned[: k + 1])) for k in range(len(planned))])
-        queue = [c for c in queue if c[0] not in removed]
+                prefetch(_plan(queue, limit))
+        # Spans that overlap a removed block, or would pass the target or leave no block.
+        room = min(limit, depth - 1) - len(removed)
+        queue = [c for c in queue if not set(c[0]) & set(removed) and len(c[0]) <= room]
         if not queue:
             stop_reason = "no removable layer left"
             break
-        layer, rel = queue.pop(0)
-        trial = tuple(sorted((*removed, layer)))
+        unit, rel = queue.pop(0)
+        trial = tuple(sorted((*removed, *unit)))
         scores = dict(score(trial))
         mean = _mean(scores)
         step = PruneStep(
-            len(removed) + 1,
-            layer,
+            len(history),
+            unit[0],
             list(trial),
             depth - len(trial),
             count_params(trial) if count_params else None,
@@ -184,13 +210,20 @@ def greedy_prune(
             base_mean - mean,
             rel,
             time.perf_counter() - t0,
+            list(unit) if len(unit) > 1 else None,
         )
         if max_drop is not None and step.drop > max_drop + 1e-12:
             rejected = step
-            stop_reason = f"removing layer {layer} would drop the mean score by {step.drop:.4f} > max_drop {max_drop:g}"
+            what = f"layer {unit[0]}" if len(unit) == 1 else f"layers {unit[0]}-{unit[-1]}"
+            stop_reason = f"removing {what} would drop the mean score by {step.drop:.4f} > max_drop {max_drop:g}"
             break
-        removed.append(layer)
+        removed.extend(unit)
         history.append(step)
         if on_step:
             on_step(step)
     return GreedyResult(schedule, depth, removed, history, stop_reason, rejected, rankings)
+
+
+def _unit_key(key: int | tuple[int, ...]) -> int:
+    """How a ranking is recorded in the history: by a span's first block."""
+    return key if isinstance(key, int) else int(key[0])

@@ -5,6 +5,12 @@ transformers once and cached as a plain safetensors checkpoint (under
 `PRUNE_CACHE`, else `$XDG_CACHE_HOME/prune`, else `~/.cache/prune`), keyed by the
 file's SHA-256, so later loads take a second and the copy loads with plain
 `from_pretrained`.
+
+Loading is strict: a checkpoint whose tensors do not match its config (missing,
+unexpected or wrongly shaped tensors, a layer count that disagrees with the
+weights) or whose safetensors files are damaged is refused with one PruneError
+naming the tensors and the file, so no partly random model is ever pruned. A
+damaged cached GGUF conversion is deleted and converted again, once.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import importlib.util
 import json
 import logging
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -134,18 +141,37 @@ def _local_hub_id(path: Path) -> str | None:
     return None
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _usable_devices() -> list[str]:
+    """The `--device` values that work on this machine, for error messages."""
+    return (
+        ["auto", "cpu"]
+        + (["cuda"] if torch.cuda.is_available() else [])
+        + (["mps"] if _mps_available() else [])
+    )
+
+
 def pick_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise PruneError(f"unknown device '{device}' (accepted: {', '.join(DEVICES)})")
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise PruneError(
-            "device 'cuda' requested but no CUDA GPU is available (accepted here: auto, cpu)"
+            "device 'cuda' requested but no CUDA GPU is available "
+            f"(accepted here: {', '.join(_usable_devices())})"
+        )
+    if device == "mps" and not _mps_available():
+        raise PruneError(
+            "device 'mps' requested but Apple MPS is not available on this machine "
+            f"(accepted here: {', '.join(_usable_devices())})"
         )
     return torch.device(device)
 
@@ -159,23 +185,56 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def gguf_checkpoint(path: Path, sha256: str) -> Path:
-    """Dequantize a GGUF file into a cached safetensors checkpoint folder (once) and return it."""
-    target = cache_root() / "gguf" / f"{path.stem}-{sha256[:16]}"
-    if (target / "config.json").exists():
+def gguf_cache_dir(path: Path, sha256: str) -> Path:
+    """Where the converted checkpoint of the GGUF file `path` is cached."""
+    return cache_root() / "gguf" / f"{path.stem}-{sha256[:16]}"
+
+
+def gguf_checkpoint(path: Path, sha256: str, *, refresh: bool = False) -> Path:
+    """Dequantize a GGUF file into a cached safetensors checkpoint folder (once) and return it.
+
+    A cached folder without config.json (damaged), or any cached folder when `refresh`, is
+    deleted and converted again.
+    """
+    target = gguf_cache_dir(path, sha256)
+    if (target / "config.json").exists() and not refresh:
         return target
+    if target.exists():
+        log.warning("replacing the damaged cached conversion at %s", target)
+        _remove_cached_conversion(target)
+    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
+    # A concurrent run may finish first: its copy is as good as ours, so keep it.
+    with atomic_folder(target, keep_existing=True) as tmp:
+        convert_gguf(path, tmp)
+    return target
+
+
+def _remove_cached_conversion(target: Path) -> None:
+    try:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise PruneError(
+            f"cannot remove the damaged cached conversion at {target}: {exc.strerror or exc} "
+            f"(delete the cached conversion at {target} and re-run)"
+        ) from exc
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """Write the dequantized model and tokenizer of the GGUF file `path` into `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors (once; cached in %s)", path.name, target)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for a bad file
-        raise PruneError(
-            f"cannot read GGUF file '{path}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from exc
+        raise PruneError(f"cannot read GGUF file '{path}': {_first_line(exc)}") from exc
     # The dequantized weights are plain floats: drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     for cfg in {
@@ -185,37 +244,225 @@ def gguf_checkpoint(path: Path, sha256: str) -> Path:
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
     model.config.name_or_path = str(path)
-    # A concurrent run may finish first: its copy is as good as ours, so keep it.
-    with atomic_folder(target, keep_existing=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return target
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_safetensors_error(exc: BaseException) -> bool:
+    from safetensors import SafetensorError
+
+    return isinstance(exc, SafetensorError)
+
+
+def _damaged_weights_file(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first safetensors file of `checkpoint` whose header cannot be read, and why."""
+    from safetensors import safe_open
+
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # SafetensorError, OSError: either way the file is unusable
+            return file, _first_line(exc)
+    return None
+
+
+def _weights_location(checkpoint: str) -> str:
+    """The weights file of a local checkpoint when there is one, else the folder (or Hub id)."""
+    folder = Path(checkpoint)
+    if not folder.is_dir():
+        return checkpoint
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    return str(files[0]) if len(files) == 1 else str(folder)
+
+
+# Checkpoint entries that are not weights and that transformers recomputes (old checkpoints
+# stored these buffers); never a reason to refuse a checkpoint.
+_HARMLESS_UNEXPECTED = (
+    r"rotary_emb\.inv_freq$",
+    r"(^|\.)position_ids$",
+    r"\.attn\.(masked_)?bias$",
+)
+_NATURAL = re.compile(r"(\d+)")
+_SHOWN = 3  # offending tensors named in an error
+
+
+def _natural(key: str) -> list:
+    """Sort key putting model.layers.2 before model.layers.10."""
+    return [int(part) if part.isdigit() else part for part in _NATURAL.split(key)]
+
+
+def _expected_missing(model: Any, missing: set[str]) -> set[str]:
+    """Missing keys that are fine: tied to a loaded weight, or declared ignorable by the model."""
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    fine = set()
+    for key in missing:
+        if any(re.search(pattern, key) for pattern in patterns):
+            fine.add(key)
+            continue
+        try:
+            param = model.get_parameter(key)
+        except AttributeError:
+            continue
+        # A tied weight (lm_head.weight = embed_tokens.weight) is loaded through its twin.
+        if any(name != key and name not in missing for name in names_of.get(id(param), [])):
+            fine.add(key)
+    return fine
+
+
+def _shown(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def _depth_mismatch(
+    model: Any, missing: list[str], unexpected: list[str], where: str
+) -> str | None:
+    """'config.json declares N layers but the weights in WHERE hold M ...' when that explains the keys:
+    the missing keys are exactly the last blocks, or the unexpected ones are blocks past the end."""
+    from prune.architectures import find_layer_path
+
+    declared = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    prefix = find_layer_path(model, declared) if isinstance(declared, int) else None
+    if prefix is None or (missing and unexpected):
+        return None
+    block = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+
+    def index(key: str) -> int:  # -1 outside the blocks
+        found = block.match(key)
+        return int(found.group(1)) if found else -1
+
+    keys = missing or unexpected
+    indices = [index(key) for key in keys]
+    if min(indices) < 0:
+        return None
+    if missing:
+        held = min(indices)
+        tail = {key for key in model.state_dict() if index(key) >= held}
+        if tail != set(missing):  # some later block is there: not a shorter stack
+            return None
+        first, last, what = held, declared - 1, "missing"
+    else:
+        held = max(indices) + 1
+        if min(indices) < declared:
+            return None
+        first, last, what = declared, held - 1, "unused"
+    blocks = f"{prefix}.{first}" + (f" to {prefix}.{last}" if last > first else "")
+    return (
+        f"config.json declares {declared} layers but the weights in {where} hold {held} "
+        f"({blocks} {what})"
+    )
+
+
+def check_loading_info(model: Any, info: dict[str, Any], spec: str, checkpoint: str) -> None:
+    """Raise PruneError when transformers' loading report shows the weights do not fit the model.
+
+    `info` is what `from_pretrained(..., output_loading_info=True)` returns: missing,
+    unexpected and mismatched keys (the last when loaded with ignore_mismatched_sizes), and
+    error messages. Tied weights and buffers transformers recomputes are fine.
+    """
+    missing_set = set(info.get("missing_keys") or ())
+    missing = sorted(missing_set - _expected_missing(model, missing_set), key=_natural)
+    harmless = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    harmless += _HARMLESS_UNEXPECTED
+    unexpected = sorted(
+        (
+            k
+            for k in info.get("unexpected_keys") or ()
+            if not any(re.search(p, k) for p in harmless)
+        ),
+        key=_natural,
+    )
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda item: _natural(item[0]))
+    errors = [str(msg) for msg in info.get("error_msgs") or ()]
+    if not (missing or unexpected or mismatched or errors):
+        return
+    where = _weights_location(checkpoint)
+    depth = None if mismatched or errors else _depth_mismatch(model, missing, unexpected, where)
+    if depth is not None:
+        raise PruneError(f"cannot load model '{spec}': {depth}")
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_shown(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_shown(unexpected)}")
+    if mismatched:
+        shapes = [
+            f"{key} (checkpoint {list(saved)}, config {list(wanted)})"
+            for key, saved, wanted in mismatched
+        ]
+        problems.append(f"tensors of the wrong shape {_shown(shapes)}")
+    if errors:
+        problems.append(errors[0].strip().splitlines()[0])
+    raise PruneError(
+        f"cannot load model '{spec}': the weights in {where} do not match its config.json: "
+        + "; ".join(problems)
+    )
+
+
+def _load_checkpoint(checkpoint: str, spec: str, torch_dtype: torch.dtype) -> tuple[Any, Any]:
+    """from_pretrained the model (strictly, see `check_loading_info`) and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        # Mismatched shapes are then reported in the loading info (not as a bare RuntimeError).
+        model, info = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+        check_loading_info(model, info, spec, checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except OSError as exc:
+        raise PruneError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
+    except (ValueError, StrictDataclassError) as exc:
+        # Config validation wraps the real ValueError: report that one.
+        cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
+        raise PruneError(
+            f"cannot load model '{spec}' (unsupported architecture?): {_first_line(cause)}"
+        ) from exc
+    except Exception as exc:
+        if not _is_safetensors_error(exc):
+            raise
+        damaged = _damaged_weights_file(Path(checkpoint)) if Path(checkpoint).is_dir() else None
+        file, reason = damaged or (_weights_location(checkpoint), _first_line(exc))
+        raise PruneError(
+            f"cannot load model '{spec}': weights file {file} is damaged or truncated ({reason})"
+        ) from exc
+    return model, tokenizer
 
 
 def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
     """Load a model for pruning; the only entry point every command uses."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     source = resolve_source(spec)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     if source.kind in ("embedded", "gguf"):
-        checkpoint: str = str(gguf_checkpoint(Path(source.path), source.sha256))
+        gguf = Path(source.path)
+        checkpoint = gguf_checkpoint(gguf, source.sha256)
+        try:
+            model, tokenizer = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+        except PruneError as exc:
+            # The conversion loaded once, so a cached copy that does not load is damaged.
+            log.warning(
+                "the cached conversion at %s does not load (%s); converting again", checkpoint, exc
+            )
+            checkpoint = gguf_checkpoint(gguf, source.sha256, refresh=True)
+            try:
+                model, tokenizer = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+            except PruneError as again:
+                raise PruneError(
+                    f"{again} (delete the cached conversion at {checkpoint} and re-run)"
+                ) from again
     else:
         checkpoint = source.path or spec
-    try:
-        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    except OSError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise PruneError(f"cannot load model '{spec}': {first}") from exc
-    except (ValueError, StrictDataclassError) as exc:
-        # Config validation wraps the real ValueError: report that one.
-        cause = exc.__cause__ if isinstance(exc, StrictDataclassError) and exc.__cause__ else exc
-        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise PruneError(
-            f"cannot load model '{spec}' (unsupported architecture?): {first}"
-        ) from exc
+        model, tokenizer = _load_checkpoint(checkpoint, spec, torch_dtype)
     if source.kind == "hub":
         revision = getattr(model.config, "_commit_hash", None)
         source = ModelSource(spec, "hub", None, spec, revision, None)

@@ -25,12 +25,12 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prune.atomic import write_file
+from prune.atomic import sweep_temporaries, write_file
 from prune.errors import PruneError
 from prune.recipe import (
     Recipe,
@@ -146,8 +146,11 @@ def _texts(run: Run) -> list[str]:
     return run.texts
 
 
-def _rank(run: Run, strategy: Any, removed: tuple[int, ...]) -> Any:
-    """The strategy's ranking of the blocks left after `removed` (original indices throughout)."""
+def _rank(
+    run: Run, strategy: Any, removed: tuple[int, ...], starts: list[int] | None = None
+) -> Any:
+    """The strategy's ranking of the blocks (or spans) left after `removed`, original indices
+    throughout; `starts` limits a measured strategy to the candidates starting there."""
     from prune.measures import get_measure
     from prune.measures.base import RankRequest
 
@@ -159,12 +162,42 @@ def _rank(run: Run, strategy: Any, removed: tuple[int, ...]) -> Any:
         settings=eval_settings(run.recipe, strategy) if measure.needs_tasks else None,
         seq_len=cal.seq_len,
         batch_size=cal.batch_size,
+        block_size=strategy.span,
+        layers=starts if measure.per_layer else None,
         engine=run.engine,
         cache=run.cache,
         progress=run.progress,
         removed=removed,
     )
     return measure.rank(request)
+
+
+def _relevance(ranking: Any) -> dict[Any, float]:
+    """A ranking as the greedy loop takes it: block -> score, or span (tuple) -> score."""
+    return {(s.layers if s.span > 1 else s.index): s.score for s in ranking.scores}
+
+
+def _rescored(
+    rounds: list[Any],
+    removed: tuple[int, ...],
+    count: int,
+    span: int,
+    depth: int,
+    protect: Sequence[int] = (),
+) -> list[int]:
+    """The first blocks of the `count` candidates that looked least relevant when last measured
+    (`rounds`: the rankings so far, newest first) and still start a span of `span` remaining
+    blocks after `removed`, none of them in `protect`: the candidates an iterative round with
+    `rescore` measures again."""
+    latest: dict[int, float] = {}
+    for ranking in rounds:
+        for score in ranking.scores:
+            latest.setdefault(score.index, score.score)
+    rest = [i for i in range(depth) if i not in removed]
+    keep = {i % depth for i in protect if -depth <= i < depth}
+    windows = {rest[n]: rest[n : n + span] for n in range(len(rest) - span + 1)}
+    usable = [i for i in latest if i in windows and not keep & set(windows[i])]
+    return sorted(usable, key=lambda i: (latest[i], i))[:count]
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
@@ -187,6 +220,7 @@ def prepare(run: Run) -> None:
     recipe = load_recipe(run.recipe_path)
     run.recipe, run.overrides = apply_overrides(recipe, **run.cli)
     run.out = Path(run.recipe.export.out or default_out(run.recipe))
+    sweep_temporaries(run.out, depth=2)  # what killed runs left (variants/.kl.tmp-*, ...)
     _check_out(run.out, run.overwrite, run.resume)
     for warning in run.recipe.warnings:
         run.echo(f"Warning: {warning}")
@@ -219,10 +253,12 @@ def baseline(run: Run) -> None:
 def rank(run: Run) -> None:
     """Each strategy ranks the blocks of the full model."""
     for strategy in run.recipe.strategies:
-        run.echo(f"[{strategy.name}] ranking the {run.depth} blocks")
+        key = strategy.key(run.recipe.prune.schedule)
+        what = f"spans of {strategy.span} blocks" if strategy.span > 1 else "blocks"
+        run.echo(f"[{key}] ranking the {what} of {run.depth}")
         start = time.perf_counter()
-        run.rankings[strategy.name] = _rank(run, strategy, ())
-        run.timings[f"rank_{strategy.name}"] = time.perf_counter() - start
+        run.rankings[key] = _rank(run, strategy, ())
+        run.timings[f"rank_{key}"] = time.perf_counter() - start
 
 
 def remove(run: Run) -> None:
@@ -242,26 +278,37 @@ def remove(run: Run) -> None:
         _evaluate(run, run.report_settings, candidates, progress=True)
 
     for strategy in run.recipe.strategies:
-        name = strategy.name
-        run.echo(f"[{name}] removing blocks ({pr.schedule})")
+        name = strategy.key(pr.schedule)
+        schedule = strategy.schedule or pr.schedule
+        run.echo(f"[{name}] removing blocks ({schedule})")
         start = time.perf_counter()
         bar = _bar(target or run.depth - 1, f"{name}: greedy removal", run.progress)
+        rounds = [run.rankings[name]]  # the latest ranking first
 
-        def relevance(removed: tuple[int, ...], strategy: Any = strategy) -> dict[int, float]:
-            ranking = run.rankings[strategy.name] if not removed else _rank(run, strategy, removed)
-            return {s.index: s.score for s in ranking.scores}
+        def relevance(removed: tuple[int, ...], strategy: Any = strategy, rounds=rounds) -> dict:
+            if not removed:
+                return _relevance(rounds[0])
+            starts = None
+            if strategy.rescore is not None:
+                starts = _rescored(
+                    rounds, removed, strategy.rescore, strategy.span, run.depth, pr.protect
+                )
+            ranking = _rank(run, strategy, removed, starts)
+            rounds.insert(0, ranking)
+            return _relevance(ranking)
 
         def on_step(step: Any, bar: Any = bar) -> None:
             if step.step:
-                bar.update(1)
-                bar.set_postfix_str(f"layer {step.removed_layer}, mean {step.mean_score:.3f}")
+                bar.update(len(step.removed_span or [step.removed_layer]))
+                what = step.removed_span or step.removed_layer
+                bar.set_postfix_str(f"layer {what}, mean {step.mean_score:.3f}")
 
         try:
             run.results[name] = greedy_prune(
                 run.depth,
                 relevance,
                 score,
-                schedule=pr.schedule,
+                schedule=schedule,
                 target=target,
                 max_drop=pr.max_drop,
                 protect=pr.protect,
@@ -284,7 +331,12 @@ def export(run: Run) -> None:
     from prune.report import build_comparison, paired_comparison, step_intervals
     from prune.surgery import drop_layers, restore_layers
 
-    relevance = build_report(run.loaded.source.spec, run.rankings, {}) if run.rankings else {}
+    # The per-block table and figure: the first single-block ranking of each measure.
+    per_block: dict[str, Any] = {}
+    for strategy in run.recipe.strategies:
+        if strategy.span == 1 and strategy.name not in per_block:
+            per_block[strategy.name] = run.rankings[strategy.key(run.recipe.prune.schedule)]
+    relevance = build_report(run.loaded.source.spec, per_block, {}) if per_block else {}
     # Every step was evaluated during the removal: these come from the cache.
     steps = {
         name: _evaluate(run, run.report_settings, [tuple(s.removed) for s in result.history], False)

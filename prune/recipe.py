@@ -105,11 +105,30 @@ class Strategy(_Section):
     limit: int | None = None
     num_fewshot: int | None = None
     metric: Text | None = None
+    # Rank and remove contiguous spans of this many blocks (1 = single blocks).
+    span: int = 1
+    # This strategy's schedule (default: prune.schedule).
+    schedule: Text | None = None
+    # Iterative schedule, measured strategies: re-measure only this many of the least relevant
+    # candidates of the previous round after each removal (None = every remaining candidate).
+    rescore: int | None = None
+    # The variant's name (folder, card, comparison); default: see `key`.
+    variant: Text | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _name_alone(cls, data: Any) -> Any:
         return {"name": data} if isinstance(data, str) else data  # "- cosine" shorthand
+
+    def key(self, default_schedule: str = "one-shot") -> str:
+        """The variant's name: `variant`, else the measure's name, plus `-spanN` for spans of
+        N > 1 blocks and `-SCHEDULE` when the strategy's schedule differs from the recipe's."""
+        if self.variant:
+            return self.variant
+        key = self.name + (f"-span{self.span}" if self.span > 1 else "")
+        if self.schedule and self.schedule != default_schedule:
+            key += f"-{self.schedule}"
+        return key
 
 
 class Evaluation(_Section):
@@ -330,6 +349,9 @@ def _check_task_names(names: list[str], path: str, problems: list[str]) -> None:
             problems.append(f"{path}[{i}]: unknown local task '{name}' ({hint})")
 
 
+SEED_MAX = 2**32 - 1  # numpy's random seeds are unsigned 32-bit
+
+
 def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list[str], list[str]]:
     """Problems and warnings: ranges, choices and contradictions, depth-dependent ones only
     when `depth` is known; none where stage one already reported (and dropped) a value."""
@@ -383,7 +405,7 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
     if len(set(pr.protect)) != len(pr.protect):
         problems.append(f"prune.protect: lists a layer twice: {pr.protect}")
     if depth is not None:
-        problems.extend(_depth_problems(pr, depth))
+        problems.extend(_depth_problems(pr, depth) + _span_problems(recipe, depth))
 
     size = recipe.export.max_shard_size
     try:
@@ -391,6 +413,8 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
     except PruneError:
         problems.append(f"export.max_shard_size: must be {SIZES_ACCEPTED}, got '{size}'")
 
+    if isinstance(recipe.seed, int) and not 0 <= recipe.seed <= SEED_MAX:
+        problems.append(f"seed: must be between 0 and {SEED_MAX} (2**32 - 1), got {recipe.seed}")
     _check_push(recipe, problems)
     problems = [dropped.in_file(line) for line in problems]
     return [line for line in problems if not dropped.covers(line.split(":", 1)[0])], warnings
@@ -449,9 +473,35 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
             problems.append(
                 f"{where}.name: unknown strategy '{strat.name}'{hint}; accepted: {', '.join(names)}"
             )
-        if strat.name in seen:
-            problems.append(f"{where}.name: strategy '{strat.name}' is listed twice")
-        seen.add(strat.name)
+        key = strat.key(recipe.prune.schedule)
+        if key in seen:
+            problems.append(
+                f"{where}: a variant named '{key}' is already listed (give one of them another "
+                "`variant:` name, or a different span or schedule)"
+            )
+        seen.add(key)
+        if strat.variant is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", strat.variant):
+            problems.append(
+                f"{where}.variant: '{strat.variant}' is not a usable folder name (accepted: "
+                "letters, digits, '_', '-', '.', starting with a letter or digit)"
+            )
+        _at_least(strat.span, 1, f"{where}.span", problems)
+        _choice(strat.schedule, defaults.SCHEDULES, f"{where}.schedule", problems)
+        _at_least(strat.rescore, 1, f"{where}.rescore", problems)
+        schedule = strat.schedule or recipe.prune.schedule
+        if strat.rescore is not None and (
+            schedule != "iterative" or not (known and get_measure(strat.name).needs_tasks)
+        ):
+            problems.append(
+                f"{where}.rescore: applies to measured strategies (such as kl or accuracy) under "
+                f"the iterative schedule; '{strat.name}' runs {schedule}"
+            )
+        target = recipe.prune.remove
+        if strat.span > 1 and target is not None and target % strat.span:
+            problems.append(
+                f"{where}.span: {strat.span} does not divide prune.remove {target} (spans remove "
+                f"{strat.span} blocks at a time; accepted: a remove count that is a multiple)"
+            )
         needs_tasks = known and get_measure(strat.name).needs_tasks
         if known and not needs_tasks:
             for key in ("tasks", "num_fewshot", "metric"):
@@ -495,6 +545,26 @@ def _check_push(recipe: Settings, problems: list[str]) -> None:
         problems.append(
             "push.publish: 'all' pushes every strategy's variant, so push.repo_id needs a {strategy} placeholder"
         )
+
+
+def _span_problems(recipe: Settings, depth: int) -> list[str]:
+    """Spans that do not fit the model, or do not divide the number of blocks to remove."""
+    problems = []
+    target = target_removals(recipe.prune, depth)
+    for i, strat in enumerate(recipe.strategies):
+        if strat.span <= 1:
+            continue
+        if strat.span > depth - 1:
+            problems.append(
+                f"strategies[{i}].span: must be <= {depth - 1} (the model has {depth} layers), "
+                f"got {strat.span}"
+            )
+        elif target is not None and target % strat.span and recipe.prune.remove is None:
+            problems.append(
+                f"strategies[{i}].span: {strat.span} does not divide the {target} blocks the "
+                f"stopping rule removes (accepted: a span that divides {target})"
+            )
+    return problems
 
 
 def _depth_problems(pr: PruneSpec, depth: int) -> list[str]:
@@ -608,12 +678,37 @@ def model_depth(spec: str) -> int | None:
 # --- entry points -----------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` may be overridden by design
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: the base class explains it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"key {key!r} is given twice (first at line {first.start_mark.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_recipe(
     text: str, source: str = "<recipe>", depth: int | None = None, resolve_depth: bool = True
 ) -> Recipe:
     """Parse and validate recipe text; raise RecipeError listing every problem."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe, and no key twice
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -648,7 +743,7 @@ def load_recipe(path: str | Path, depth: int | None = None, resolve_depth: bool 
 
 def check_depth(recipe: Recipe, depth: int) -> None:
     """Re-run the depth checks once the model is loaded (raises RecipeError)."""
-    problems = _depth_problems(recipe.prune, depth)
+    problems = _depth_problems(recipe.prune, depth) + _span_problems(recipe, depth)
     if problems:
         raise RecipeError(recipe.path or "<recipe>", problems)
 

@@ -143,6 +143,12 @@ def build_comparison(
     """
     baseline = {t: s.value for t, s in base_scores.items()}
     strategies = {name: _strategy_record(result, baseline) for name, result in results.items()}
+    schedule = recipe.prune.schedule
+    specs = {s.key(schedule): s for s in recipe.strategies}
+    for name, record in strategies.items():
+        spec = specs.get(name)
+        if spec is not None:  # what ranked this variant: the measure, its spans, re-measuring
+            record["strategy"] = {"measure": spec.name, "span": spec.span, "rescore": spec.rescore}
     for name, steps in (intervals or {}).items():
         strategies[name]["history_vs_base"] = steps  # paired difference of each step
     names = list(results)

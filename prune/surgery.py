@@ -114,26 +114,41 @@ def normalize_indices(indices: Iterable[int], num_layers: int) -> list[int]:
     return result
 
 
+_LAYER_FORMS = "use e.g. 3,7,12 or 20-23; negatives count from the end, as in -1 or -3--1"
+
+
 def parse_layer_list(text: str) -> list[int]:
-    """Parse '3,7,12' or '20-23' (inclusive ranges) into integers; PruneError on bad text."""
+    """Parse '3,7,12' or '20-23' (inclusive ranges) into integers; PruneError on bad text.
+
+    A range's ends must both count from the start or both from the end (-3--1), smaller
+    first: '-1-3' would wrap round the stack and '5-3' runs backwards, so both are refused.
+    """
     out: list[int] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
-            raise PruneError(f"bad --layers value {text!r}: empty item (use e.g. 3,7,12 or 20-23)")
+            raise PruneError(f"bad --layers value {text!r}: empty item ({_LAYER_FORMS})")
         try:
             if "-" in part[1:]:
                 lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
                 first, last = int(lo), int(hi)
-                if last < first:
-                    raise ValueError
-                out.extend(range(first, last + 1))
             else:
                 out.append(int(part))
+                continue
         except ValueError:
             raise PruneError(
-                f"bad --layers value {text!r}: {part!r} is not an index or range "
-                "(use e.g. 3,7,12 or 20-23; negatives count from the end)"
+                f"bad --layers value {text!r}: {part!r} is not an index or range ({_LAYER_FORMS})"
             ) from None
+        if (first < 0) != (last < 0):
+            raise PruneError(
+                f"bad --layers value {text!r}: range {part!r} mixes an index from the start "
+                f"with one from the end, which would wrap round the stack ({_LAYER_FORMS})"
+            )
+        if last < first:
+            raise PruneError(
+                f"bad --layers value {text!r}: {part!r} is not an index or range: it runs "
+                f"backwards; put the smaller end first ({_LAYER_FORMS})"
+            )
+        out.extend(range(first, last + 1))
     return out
 
 

@@ -42,6 +42,16 @@ LOCAL_TASKS: dict[str, str] = {
     "local_openbookqa": "openbook_qa.jsonl",
     "local_lambada": "lambada_openai.jsonl",
 }
+# Local task name -> the fields each JSONL row must have (what its template reads).
+LOCAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "local_arc_easy": ("query", "choices", "gold"),
+    "local_arc_challenge": ("query", "choices", "gold"),
+    "local_piqa": ("query", "choices", "gold"),
+    "local_winogrande": ("context_options", "continuation", "gold"),
+    "local_copa": ("query", "choices", "gold"),
+    "local_openbookqa": ("query", "choices", "gold"),
+    "local_lambada": ("context", "continuation"),
+}
 
 
 def default_data_dir() -> Path:
@@ -172,6 +182,8 @@ def resolve_task_names(names: str | Iterable[str], manager: Any) -> list[str]:
                 raise PruneError(
                     f"task '{name}' needs {data_dir / LOCAL_TASKS[name]}, which does not exist"
                 )
+            if name in LOCAL_TASKS and data_dir is not None:
+                check_local_data(name, data_dir / LOCAL_TASKS[name])
             continue
         if name in LOCAL_TASKS:
             raise PruneError(
@@ -187,3 +199,42 @@ def resolve_task_names(names: str | Iterable[str], manager: Any) -> list[str]:
         )
         raise PruneError(f"unknown task '{name}' ({hint})")
     return wanted
+
+
+def check_local_data(name: str, path: Path) -> None:
+    """PruneError naming the file and row when a row of local task `name`'s JSONL file is not
+    a JSON object with every field the task reads (e.g. a row without its label)."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise PruneError(f"task '{name}': cannot read {path}: {exc.strerror or exc}") from exc
+    _check_rows(name, str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _check_rows(name: str, path: str, size: int, mtime_ns: int) -> None:
+    # Keyed on size and mtime too, so an edited file is checked again.
+    fields = LOCAL_FIELDS[name]
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    raise PruneError(
+                        f"task '{name}': row {number} of {path} is not valid JSON"
+                    ) from None
+                if not isinstance(row, dict):
+                    raise PruneError(f"task '{name}': row {number} of {path} is not a JSON object")
+                absent = [field for field in fields if row.get(field) is None]
+                if absent:
+                    raise PruneError(
+                        f"task '{name}': row {number} of {path} has no {', '.join(absent)} "
+                        f"(each row needs {', '.join(fields)})"
+                    )
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PruneError(
+            f"task '{name}': cannot read {path}: {getattr(exc, 'strerror', None) or exc}"
+        ) from exc

@@ -126,11 +126,11 @@ def test_export_checkpoint_writes_extra_record_fields_and_files(tiny_dir, tmp_pa
     "failure", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"]
 )
 def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch, failure):
-    def explode(folder, metadata):  # called after the weights are already in the temp folder
+    def explode(folder, record):  # called after the weights are already in the temp folder
         assert (folder / "config.json").exists()
         raise failure
 
-    monkeypatch.setattr(prune.export, "_stamp_safetensors", explode)
+    monkeypatch.setattr(prune.export, "_write_record", explode)
     out = tmp_path / "out"
     with pytest.raises(type(failure)):
         drop_and_export(str(tiny_dir), [1], out)
@@ -139,10 +139,10 @@ def test_failed_export_leaves_nothing(tiny_dir, tmp_path, monkeypatch, failure):
 
 
 def test_ctrl_c_through_the_cli(tiny_dir, tmp_path, monkeypatch):
-    def interrupt(folder, metadata):
+    def interrupt(folder, record):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prune.export, "_stamp_safetensors", interrupt)
+    monkeypatch.setattr(prune.export, "_write_record", interrupt)
     out = tmp_path / "out"
     result = _drop(str(tiny_dir), "--layers", "1", "--out", str(out))
     assert result.exit_code == 130
@@ -155,10 +155,10 @@ def test_failed_overwrite_keeps_the_old_folder(tiny_dir, tmp_path, monkeypatch):
     out.mkdir()
     (out / "old.txt").write_text("old")
 
-    def explode(folder, metadata):
+    def explode(folder, record):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(prune.export, "_stamp_safetensors", explode)
+    monkeypatch.setattr(prune.export, "_write_record", explode)
     with pytest.raises(RuntimeError):
         drop_and_export(str(tiny_dir), [1], out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["old.txt"]

@@ -142,3 +142,55 @@ def test_one_shot_prefetches_its_planned_steps_in_one_batch():
         DEPTH, Fake().rank, Fake().score, schedule="iterative", target=2, prefetch=iterative.append
     )
     assert iterative == []
+
+
+def _span_rank(removed):
+    """Spans of two consecutive remaining blocks, scored by the sum of their FULL relevance."""
+    rest = [i for i in range(DEPTH) if i not in removed]
+    return {(a, b): FULL[a] + FULL[b] for a, b in zip(rest, rest[1:], strict=False)}
+
+
+def test_one_shot_spans_remove_whole_non_overlapping_spans_least_relevant_first():
+    fake = Fake()
+    planned = []
+    # Spans by relevance: (5, 6) 4, (1, 2) 6, (2, 3) 8, (4, 5) 6 ... ties go to the lower start.
+    result = greedy_prune(
+        DEPTH,
+        _span_rank,
+        fake.score,
+        target=4,
+        protect=[0],
+        prefetch=planned.extend,
+    )
+    assert result.removed == [5, 6, 1, 2]
+    assert [s.removed_span for s in result.history[1:]] == [[5, 6], [1, 2]]
+    assert [s.removed_layer for s in result.history[1:]] == [5, 1]
+    assert [s.step for s in result.history] == [0, 1, 2]
+    assert [s.layers_left for s in result.history] == [8, 6, 4]
+    assert planned == [(5, 6), (1, 2, 5, 6)]  # the one-shot plan skips (4, 5) and (6, 7)
+    assert fake.score_calls == [(), (5, 6), (1, 2, 5, 6)]
+    assert result.final.scores["task_a"] == pytest.approx(0.8 - 0.01 - 0.03 - 0.04 - 0.02)
+
+
+def test_spans_never_take_a_protected_block_nor_pass_the_target():
+    fake = Fake()
+    result = greedy_prune(DEPTH, _span_rank, fake.score, target=3, protect=[5])
+    # (1, 2) first; then nothing of length 2 fits in the one block left of the target.
+    assert result.removed == [1, 2]
+    assert result.stop_reason == "no removable layer left"
+
+
+def test_iterative_spans_rerank_the_slimmed_model_and_bridge_removed_blocks():
+    calls = []
+
+    def rank(removed):
+        calls.append(removed)
+        return _span_rank(removed)
+
+    result = greedy_prune(
+        DEPTH, rank, Fake().score, schedule="iterative", target=4, protect=[0, -1]
+    )
+    # After (5, 6): remaining 0 1 2 3 4 7, spans (1, 2) 6, (4, 7) 13: (1, 2) goes.
+    assert result.removed == [5, 6, 1, 2]
+    assert calls == [(), (5, 6)]
+    assert result.rankings[1][4] == FULL[4] + FULL[7]  # a span across the removed blocks

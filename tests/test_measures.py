@@ -93,7 +93,7 @@ def test_a_request_without_what_the_measure_needs_fails_clearly():
         rank_layers("accuracy", RankRequest(loaded))
     with pytest.raises(PruneError, match="does not apply to the perplexity measure"):
         rank_layers("perplexity", RankRequest(loaded, texts=TEXTS, halving=2))
-    with pytest.raises(PruneError, match="block size 2 with blocks already removed"):
+    with pytest.raises(PruneError, match="block size 2 is invalid for 2 layers"):
         rank_layers("cosine", RankRequest(loaded, texts=TEXTS, block_size=2, removed=(1,)))
 
 
@@ -220,6 +220,41 @@ def test_accuracy_after_removals_evaluates_the_full_model_and_shares_the_cache(
     assert engine.calls == [] and again.order() == step.order()  # all from the cache
     with pytest.raises(PruneError, match="layer 3 was already removed"):
         rank_layers("accuracy", replace(request, removed=(3,), layers=[3]))
+
+
+def test_spans_after_removals_are_consecutive_remaining_blocks(tmp_path, monkeypatch):
+    engine = AdditiveEngine()
+    monkeypatch.setattr(removals_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(removals_mod, "_task_names", lambda s: list(s.tasks))
+    loaded = _loaded(tiny_model("llama", len(DROP)))
+    request = RankRequest(
+        loaded,
+        settings=EvalSettings(tasks=("a",), limit=10),
+        engine="fast",
+        progress=False,
+        block_size=2,
+        removed=(1,),
+    )
+    ranking = rank_layers("accuracy", request)
+    # Remaining 0, 2, 3, 4: spans (0, 2), (2, 3), (3, 4); the first bridges the removed block.
+    assert engine.calls == [[(1,), (0, 1, 2), (1, 2, 3), (1, 3, 4)]]
+    assert [s.layers for s in ranking.scores] == [(0, 2), (2, 3), (3, 4)]
+    assert [s.score for s in ranking.scores] == pytest.approx(
+        [DROP[0] + DROP[2], DROP[2] + DROP[3], DROP[3] + DROP[4]]
+    )
+    assert list(ranking.to_dict()["layers"][0]["blocks"]) == [0, 2]
+    with pytest.raises(PruneError, match="layer 4 starts no span of 2 remaining blocks"):
+        rank_layers("accuracy", replace(request, layers=[4]))
+
+    model = tiny_model("llama", 5, seed=3)
+    texts = RankRequest(_loaded(model), texts=TEXTS, seq_len=48, batch_size=2, progress=False)
+    angular = rank_layers("angular", replace(texts, block_size=2, removed=(2,)))
+    with layers_removed(model, [2]):
+        direct = cosine_relevance(
+            model, byte_tokenizer(), TEXTS, seq_len=48, batch_size=2, block_size=2
+        )
+    assert [s.layers for s in angular.scores] == [(0, 1), (1, 3), (3, 4)]
+    assert [s.score for s in angular.scores] == pytest.approx([s.score for s in direct.scores])
 
 
 def test_cosine_after_removals_ranks_the_smaller_model_under_original_indices():

@@ -97,7 +97,7 @@ MALFORMED = [
     (
         "model: m\nstrategies: [cosine, cosine]\nprune: {remove: 2}\n",
         30,
-        ["strategies[1].name: strategy 'cosine' is listed twice"],
+        ["strategies[1]: a variant named 'cosine' is already listed"],
     ),
     ("model: m\nstrategies: []\nprune: {remove: 2}\n", 30, ["strategies: must list at least one"]),
     (
@@ -319,7 +319,17 @@ def test_settings_keep_their_json_shape():
     ]  # fmt: skip
     # the effective ranking tasks are written out (cosine ranks on the calibration text)
     assert settings["strategies"] == [
-        {"name": n, "tasks": t, "limit": None, "num_fewshot": None, "metric": None}
+        {
+            "name": n,
+            "tasks": t,
+            "limit": None,
+            "num_fewshot": None,
+            "metric": None,
+            "span": 1,
+            "schedule": None,
+            "rescore": None,
+            "variant": None,
+        }
         for n, t in (("cosine", None), ("accuracy", ["local_arc_easy", "local_winogrande"]))
     ]
     assert settings["calibration"] == {
@@ -401,3 +411,50 @@ def test_default_calibration_text_overlapping_a_report_task_warns():
     own_text = parse_recipe(lambada + "calibration: {source: texts.txt}\n", depth=30)
     assert not any("LAMBADA" in w for w in own_text.warnings)
     assert not any("LAMBADA" in w for w in parse_recipe(GOOD, depth=30).warnings)
+
+
+@pytest.mark.parametrize(
+    "strategies, prune, problem",
+    [
+        (
+            "[{name: kl, span: 4}]",
+            "{remove: 6}",
+            "strategies[0].span: 4 does not divide prune.remove 6",
+        ),
+        (
+            "[{name: kl, span: 3}]",
+            "{keep: 26}",
+            "strategies[0].span: 3 does not divide the 4 blocks",
+        ),
+        ("[{name: kl, span: 30}]", "{remove: 30}", "strategies[0].span: must be <= 29"),
+        ("[{name: kl, span: 0}]", "{remove: 2}", "strategies[0].span: must be >= 1"),
+        ("[{name: kl, rescore: 4}]", "{remove: 2}", "strategies[0].rescore: applies to measured"),
+        (
+            "[{name: cosine, schedule: iterative, rescore: 4}]",
+            "{remove: 2}",
+            "strategies[0].rescore: applies to measured strategies",
+        ),
+        ("[{name: kl, schedule: sideways}]", "{remove: 2}", "strategies[0].schedule:"),
+        (
+            "[kl, {name: kl, variant: kl}]",
+            "{remove: 2}",
+            "strategies[1]: a variant named 'kl' is already",
+        ),
+        ("[{name: kl, variant: 'a/b'}]", "{remove: 2}", "strategies[0].variant: 'a/b' is not"),
+    ],
+)
+def test_span_schedule_and_rescore_fields_are_checked(strategies, prune, problem):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(f"model: m\nstrategies: {strategies}\nprune: {prune}\n", depth=30)
+    assert any(line.startswith(problem) for line in info.value.problems), info.value.problems
+
+
+def test_variants_are_named_by_measure_span_and_schedule():
+    recipe = parse_recipe(
+        "model: m\nstrategies: [cosine, {name: angular, span: 2}, "
+        "{name: kl, schedule: iterative, rescore: 4}, {name: kl, variant: mine}]\n"
+        "prune: {remove: 4}\n",
+        depth=30,
+    )
+    keys = [s.key(recipe.prune.schedule) for s in recipe.strategies]
+    assert keys == ["cosine", "angular-span2", "kl-iterative", "mine"]

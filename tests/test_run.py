@@ -158,16 +158,16 @@ def test_interrupted_export_leaves_no_half_written_variant(recipe, tmp_path, mon
     import prune.export
 
     out = tmp_path / "out"
-    real = prune.export._stamp_safetensors
+    real = prune.export._write_record
     calls = []
 
-    def interrupt_second(folder, metadata):
+    def interrupt_second(folder, record):
         calls.append(folder)
         if len(calls) == 2:  # Ctrl-C while the second variant's weights are being written
             raise KeyboardInterrupt
-        return real(folder, metadata)
+        return real(folder, record)
 
-    monkeypatch.setattr(prune.export, "_stamp_safetensors", interrupt_second)
+    monkeypatch.setattr(prune.export, "_write_record", interrupt_second)
     result = _run(recipe, "--out", out)
     assert result.exit_code == 130
     assert (out / "variants" / "cosine" / "config.json").exists()
@@ -177,7 +177,7 @@ def test_interrupted_export_leaves_no_half_written_variant(recipe, tmp_path, mon
     ]  # no temp folders
     assert not (out / "comparison.json").exists()  # the run is visibly unfinished
 
-    monkeypatch.setattr(prune.export, "_stamp_safetensors", real)
+    monkeypatch.setattr(prune.export, "_write_record", real)
     result = _run(recipe, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
     assert (
@@ -256,6 +256,47 @@ def test_iterative_schedule_with_three_strategies(
         assert [s["removed_layer"] for s in history[1:]] == data["removed"]
         model = AutoModelForCausalLM.from_pretrained(out / "variants" / name)
         assert model.config.num_hidden_layers == 3
+
+
+@pytest.mark.slow
+def test_spans_schedules_and_rescore_per_strategy(
+    tmp_path, tiny_dir, data_dir, shared_cache, monkeypatch
+):
+    monkeypatch.setenv("PRUNE_CACHE", str(shared_cache))
+    path = tmp_path / "spans.yaml"
+    path.write_text(
+        f"model: {tiny_dir}\ndata_dir: {data_dir}\n"
+        "calibration: {samples: 4, seq_len: 32, batch_size: 4}\n"
+        "strategies:\n"
+        "  - cosine\n"
+        "  - {name: angular, span: 2}\n"
+        "  - {name: kl, tasks: [local_copa], limit: 4, span: 2}\n"
+        "  - {name: kl, tasks: [local_copa], limit: 4, schedule: iterative, rescore: 2}\n"
+        "evaluation: {tasks: [local_piqa], limit: 4}\n"
+        "prune: {remove: 2, protect: [0]}\n"
+    )
+    out = tmp_path / "out"
+    result = _run(path, "--out", out)
+    assert result.exit_code == 0, result.output
+    comparison = json.loads((out / "comparison.json").read_text())
+    strategies = comparison["strategies"]
+    assert list(strategies) == ["cosine", "angular-span2", "kl-span2", "kl-iterative"]
+    for name in ("angular-span2", "kl-span2"):
+        data = strategies[name]
+        first, second = sorted(data["removed"])
+        assert second == first + 1 and first != 0  # one contiguous span, block 0 protected
+        assert data["history"][1]["removed_span"] == data["removed"]
+        assert data["strategy"]["span"] == 2
+    iterative = strategies["kl-iterative"]
+    assert iterative["schedule"] == "iterative" and iterative["rankings"] == 2
+    assert iterative["strategy"] == {"measure": "kl", "span": 1, "rescore": 2}
+    # The relevance table holds the single-block rankings only, one per measure.
+    assert set(comparison["relevance"]["orders"]) == {"cosine", "kl"}
+    card = (out / "variants" / "kl-span2" / "README.md").read_text()
+    assert "in spans of 2 consecutive blocks" in card
+    assert "re-measuring the 2 least relevant after each removal" in card
+    model = AutoModelForCausalLM.from_pretrained(out / "variants" / "kl-span2")
+    assert model.config.num_hidden_layers == DEPTH - 2
 
 
 @pytest.mark.slow

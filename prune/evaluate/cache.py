@@ -3,7 +3,8 @@
 Interrupted runs resume from it and repeated runs are instant. `model_fingerprint`
 identifies the weights a score belongs to; `ResultCache.key` folds everything that
 can change a score into a file name. Writes go through `prune.atomic.write_file`, so
-a reader never sees half an entry; an unreadable entry counts as missing.
+a reader never sees half an entry; an unreadable entry counts as missing, and a cache
+that cannot be written (full disk, no permission) is a warning, never a lost result.
 
 Importing this module loads no torch (only `model_fingerprint` needs it).
 """
@@ -21,6 +22,7 @@ from typing import Any
 from prune import __version__
 from prune.atomic import write_file
 from prune.defaults import cache_root
+from prune.errors import PruneError
 from prune.evaluate.settings import EvalSettings, TaskScore
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,12 @@ class ResultCache:
     Entries are written atomically; an unreadable or malformed entry reads as missing
     (with a warning) and the next write replaces it. A score entry written by another
     `CACHE_VERSION` (e.g. one from before scores carried per-document outcomes) reads as
-    missing too, so it is recomputed rather than misread.
+    missing too, so it is recomputed rather than misread. A write that fails (full disk, no
+    permission) is skipped with one warning per cache folder: the caller keeps its result.
     """
+
+    # The cache folders a write already failed in (warned about once per process).
+    _unwritable: set[Path] = set()
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root) if root is not None else cache_root() / "results"
@@ -113,7 +119,7 @@ class ResultCache:
     def put(self, key: str, score: TaskScore, meta: dict[str, Any] | None = None) -> None:
         """Store `score` under `key`, with `meta` (what produced it) for people reading the file."""
         entry = {"version": CACHE_VERSION, "score": score.to_dict(), "meta": meta or {}}
-        write_file(self.path(key), json.dumps(entry, separators=(",", ":")))
+        self._write(key, json.dumps(entry, separators=(",", ":")))
 
     def get_json(self, key: str) -> Any | None:
         """Any JSON value stored with `put_json` (None when missing or corrupt)."""
@@ -128,12 +134,27 @@ class ResultCache:
 
     def put_json(self, key: str, value: Any) -> None:
         """Store any JSON value under `key`."""
-        write_file(self.path(key), json.dumps({"value": value}))
+        self._write(key, json.dumps({"value": value}))
 
     def get_value(self, key: str) -> float | None:
         """A cached plain number (e.g. a perplexity), stored as a TaskScore."""
         score = self.get(key)
         return None if score is None else score.value
+
+    def _write(self, key: str, text: str) -> None:
+        """Write one entry; a failure is a warning (once per cache folder), not an error."""
+        try:
+            write_file(self.path(key), text)
+        except (PruneError, OSError) as exc:
+            root = self.root.absolute()
+            if root not in ResultCache._unwritable:
+                ResultCache._unwritable.add(root)
+                log.warning(
+                    "cannot write the result cache at %s (%s): results are kept for this run "
+                    "but not cached (an interrupted run will recompute them)",
+                    self.root,
+                    _reason(exc),
+                )
 
     def _read(self, key: str) -> Any | None:
         """The parsed entry; None when it does not exist or is not JSON (the latter with a warning)."""
@@ -145,3 +166,9 @@ class ResultCache:
         except (OSError, ValueError) as exc:
             log.warning("ignoring corrupt cache entry %s (%s)", path, exc)
             return None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc).rsplit(": ", 1)[-1]  # write_error's "cannot write file '...': REASON"

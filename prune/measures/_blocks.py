@@ -39,6 +39,34 @@ def spans(num_layers: int, block_size: int, layers: Sequence[int] | None) -> lis
     return out
 
 
+def windows(
+    num_layers: int, block_size: int, removed: Sequence[int], starts: Sequence[int] | None
+) -> list[tuple[int, ...]]:
+    """Spans of `block_size` consecutive *remaining* blocks (original indices) once `removed`
+    are gone: every one, or those starting at `starts` (original indices, negatives counted
+    from the end). Without removals these are `spans(...)`."""
+    gone = set(removed)
+    rest = [i for i in range(num_layers) if i not in gone]
+    check_block_size(block_size, len(rest) + len(gone))
+    if block_size > len(rest) - 1:
+        raise PruneError(
+            f"{len(rest)} of {num_layers} blocks remain: too few to remove {block_size} more "
+            "(at least one block must stay)"
+        )
+    wanted = remaining_layers(num_layers, removed, starts)
+    position = {layer: n for n, layer in enumerate(rest)}
+    firsts = range(len(rest) - block_size + 1) if wanted is None else [position[i] for i in wanted]
+    out = []
+    for first in firsts:
+        if first > len(rest) - block_size:
+            raise PruneError(
+                f"layer {rest[first]} starts no span of {block_size} remaining blocks (accepted: "
+                f"{', '.join(str(i) for i in rest[: len(rest) - block_size + 1])})"
+            )
+        out.append(tuple(rest[first : first + block_size]))
+    return out
+
+
 def remaining_layers(
     num_layers: int, removed: Sequence[int], layers: Sequence[int] | None
 ) -> list[int] | None:
@@ -82,6 +110,13 @@ def rank_remaining(request: RankRequest, rank: Callable[[RankRequest], Ranking])
     )
     with layers_removed(model, request.removed):
         ranking = rank(inner)
-    scores = [replace(s, index=rest[s.index]) for s in ranking.scores]
+    scores = [
+        replace(
+            s,
+            index=rest[s.index],
+            blocks=tuple(rest[s.index : s.index + s.span]) if s.span > 1 else None,
+        )
+        for s in ranking.scores
+    ]
     settings = {**ranking.settings, "removed": list(request.removed)}
     return Ranking(ranking.measure, scores, depth, ranking.baseline, settings)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from prune.errors import PruneError
-from prune.measures._blocks import remaining_layers, spans
+from prune.measures._blocks import windows
 from prune.measures.base import LayerScore, Measure, Ranking, RankRequest, halving_rounds
 
 
@@ -143,15 +143,7 @@ def accuracy_relevance(
 
     num_layers = count_layers(loaded.model)
     gone = tuple(sorted(set(removed)))
-    if num_layers - len(gone) - block_size < 1:
-        raise PruneError(
-            f"{num_layers - len(gone)} of {num_layers} blocks remain: too few to remove "
-            f"{block_size} more (at least one block must stay)"
-        )
-    wanted = remaining_layers(num_layers, gone, layers) if gone else layers
-    candidates = [
-        span for span in spans(num_layers, block_size, wanted) if not set(span) & set(gone)
-    ]
+    candidates = windows(num_layers, block_size, gone, layers)
     rounds = halving_rounds(settings.limit, halving)
     final: dict[tuple[int, ...], LayerScore] = {}
     alive = list(candidates)
@@ -181,6 +173,9 @@ def accuracy_relevance(
             )
             for span, result in zip(alive, results[1:], strict=True)
         }
+        for span, score in scored.items():  # spans across removed blocks name their blocks
+            if span != tuple(range(span[0], span[0] + len(span))):
+                score.blocks = span
         if last:
             final.update(scored)
             break

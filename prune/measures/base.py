@@ -32,10 +32,15 @@ class LayerScore:
     documents: int | None = None
     # Paired 95% interval of `score` (measures scored per document against a baseline).
     ci95: tuple[float, float] | None = None
+    # The span's blocks (original indices) when they are not `index .. index+span-1`: a span
+    # of consecutive *remaining* blocks after others were removed.
+    blocks: tuple[int, ...] | None = None
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The blocks this score is about."""
+        if self.blocks is not None:
+            return tuple(self.blocks)
         return tuple(range(self.index, self.index + self.span))
 
 
@@ -205,11 +210,6 @@ class Measure:
             raise PruneError(
                 f"successive halving does not apply to the {self.name} measure (it applies to "
                 "measures that evaluate tasks once per block, such as accuracy)"
-            )
-        if request.removed and request.block_size > 1:
-            raise PruneError(
-                f"block size {request.block_size} with blocks already removed is not supported "
-                "(accepted: block size 1 when ranking what remains)"
             )
 
     def rank(self, request: RankRequest) -> Ranking:

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-halving study clean
+.PHONY: help install test test-fast lint demo bench bench-adaptive study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,8 +41,8 @@ demo: $(STAMP) ## the main job on the embedded default model (SmolLM2-135M), off
 bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARGS="--limit 25 --threads 1 --ablations")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_accuracy_drop.py $(BENCH_ARGS)
 
-bench-halving: $(STAMP) ## opt-in early stopping: successive halving vs the exact ranking (HALVING_ARGS="--limit 200 --keep 6")
-	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_halving.py $(HALVING_ARGS)
+bench-adaptive: $(STAMP) ## adaptive sampling vs the exhaustive kl ranking: time, documents, same K blocks? (ADAPTIVE_ARGS="--limit 200 --keep 6")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_adaptive.py $(ADAPTIVE_ARGS)
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

@@ -173,6 +173,8 @@ def _ranking_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[
             how = label
         if span > 1:
             how += f", in spans of {span} consecutive blocks"
+        if spec.get("adaptive"):
+            how += ", documents sampled adaptively around the cut"
         if spec.get("rescore"):
             how += f", re-measuring the {spec['rescore']} least relevant after each removal"
         stop = comparison["strategies"][name].get("stop_reason")

@@ -529,13 +529,14 @@ def relevance_options(func):
             "(the reference path, one evaluation per layer), auto = fast where it can.",
         ),
         click.option(
-            "--halving",
+            "--adaptive",
             type=int,
             default=None,
             metavar="K",
-            help="Opt-in early stopping for accuracy: successive halving over the blocks on "
-            "limit/8, limit/4, ... documents; the K least relevant get exact scores, the rest "
-            "estimates (needs --limit).",
+            help="Opt-in adaptive sampling for a removal of K blocks (accuracy, probability, "
+            "margin, kl; needs --limit): every block on limit/8 documents, then more (limit/4, "
+            "... limit) only for blocks whose 95% interval straddles the cut between the K "
+            "least relevant and the rest, until none does; scores settled early show (n=N).",
         ),
         click.option(
             "--no-cache",
@@ -567,7 +568,7 @@ def _relevance_kwargs(kw: dict, verbosity: Verbosity) -> dict:
         "block_size",
         "layers",
         "engine",
-        "halving",
+        "adaptive",
         "dtype",
         "device",
     )

@@ -3,7 +3,7 @@ and return (and write) the per-layer report of prune.layer_report.
 
 Every option is checked against the measure registry (prune/measures/) before any
 model is loaded: unknown measure names, missing tasks or calibration texts, a bad
-`--halving`. `write_report` writes report.json, table.md and relevance.png, each
+`--adaptive`. `write_report` writes report.json, table.md and relevance.png, each
 atomically.
 """
 
@@ -29,8 +29,8 @@ from prune.measures import (
     Measure,
     Ranking,
     RankRequest,
+    adaptive_rounds,
     get_measure,
-    halving_rounds,
     measure_names,
     registry,
 )
@@ -57,14 +57,14 @@ def compare_measures(
     cache: Any = None,
     progress: bool = True,
     layers: Sequence[int] | None = None,
-    halving: int | None = None,
+    adaptive: int | None = None,
 ) -> dict[str, Any]:
     """Run the chosen measures on one loaded model and return the report (prune.layer_report).
 
     `settings` (EvalSettings) serves the measures that evaluate tasks, `texts` those
-    that read calibration texts. `layers` and `halving` go to the measures they apply
-    to (per-layer measures; measures that accept halving); a one-pass measure such as
-    cosine always scores every block.
+    that read calibration texts. `layers` and `adaptive` go to the measures they apply
+    to (per-layer measures; measures that accept adaptive sampling); a one-pass measure
+    such as cosine always scores every block.
     """
     rankings: dict[str, Ranking] = {}
     timings: dict[str, float] = {}
@@ -81,7 +81,7 @@ def compare_measures(
             engine=engine,
             cache=cache,
             progress=progress,
-            halving=halving if measure.halving else None,
+            adaptive=adaptive if measure.adaptive else None,
         )
         rankings[measure.name] = measure.rank(request)
         timings[measure.name] = round(time.perf_counter() - start, 2)
@@ -110,18 +110,19 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
 # --------------------------------------------------------------------------- command entry points
 
 
-def _check_halving(measures: list[Measure], limit: int | None, halving: int | None) -> None:
-    """A bad `--halving` value, a missing `--limit`, or no measure that accepts it: PruneError."""
-    if halving is None:
+def _check_adaptive(measures: list[Measure], limit: int | None, adaptive: int | None) -> None:
+    """A bad `--adaptive` value, a missing `--limit`, or no measure that accepts it: PruneError.
+    (K below the number of candidates is checked once the model's depth is known.)"""
+    if adaptive is None:
         return
-    if not any(m.halving for m in measures):
-        accepting = [m.name for m in registry().values() if m.halving]
+    if not any(m.adaptive for m in measures):
+        accepting = [m.name for m in registry().values() if m.adaptive]
         plural = "s" if len(accepting) > 1 else ""
         raise PruneError(
-            f"--halving applies to the {', '.join(accepting)} measure{plural} only "
+            f"--adaptive applies to the {', '.join(accepting)} measure{plural} only "
             f"(this run measures: {', '.join(m.name for m in measures)})"
         )
-    halving_rounds(limit, halving)
+    adaptive_rounds(limit, adaptive)
 
 
 def _prepare(
@@ -204,7 +205,7 @@ def measure_model(
     dtype: str = "auto",
     device: str = "auto",
     progress: bool = True,
-    halving: int | None = None,
+    adaptive: int | None = None,
 ) -> dict[str, Any]:
     """Check the options (before any model is loaded), load MODEL and run `measures` on it.
 
@@ -214,7 +215,7 @@ def measure_model(
     from prune.models import load_model
 
     chosen = check_measures(measures)
-    _check_halving(chosen, limit, halving)
+    _check_adaptive(chosen, limit, adaptive)
     settings, texts, cache = _prepare(
         chosen,
         tasks=tasks,
@@ -242,7 +243,7 @@ def measure_model(
         cache=cache,
         progress=progress,
         layers=_parse_layers(layers),
-        halving=halving,
+        adaptive=adaptive,
     )
     report["source"] = loaded.source.to_dict()
     return report

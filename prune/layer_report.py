@@ -209,6 +209,27 @@ def _cell(measure: Measure, row: dict[str, Any], with_stderr: bool) -> str:
     return text if documents is None else f"{text} (n={documents})"
 
 
+def _adaptive_lines(report: dict[str, Any]) -> list[str]:
+    """One line per measure ranked with adaptive sampling: K, its rounds and what it saved."""
+    out = []
+    for name, settings in (report.get("settings") or {}).items():
+        used = (settings or {}).get("documents_used")
+        if not used:
+            continue
+        rounds = ", ".join(
+            f"{count} on {docs}"
+            for docs, count in zip(settings["rounds"], settings["round_candidates"], strict=True)
+        )
+        share = used["used"] / used["exhaustive"] if used["exhaustive"] else 1.0
+        out += [
+            f"{name}: adaptive sampling for K = {settings['adaptive']}; candidates per round "
+            f"(documents per task): {rounds}; {used['used']} of {used['exhaustive']} "
+            f"candidate-documents per task ({share:.0%}).",
+            "",
+        ]
+    return out
+
+
 def render_table(report: dict[str, Any]) -> str:
     """The per-layer table, baselines and correlation summary as markdown."""
     names = report["measures"]
@@ -255,11 +276,12 @@ def render_table(report: dict[str, Any]) -> str:
     early = [m for m in measures if m.documents_column]
     if any(row.get(m.documents_column) is not None for m in early for row in rows):
         out += [
-            "Successive halving: scores marked (n=N) are estimates from the first N documents per "
-            "task (those blocks looked more relevant and were dropped early); the others use every "
-            "document.",
+            "Adaptive sampling: scores marked (n=N) come from the first N documents per task "
+            "(their 95% interval already lay on one side of the cut, so they stopped early); the "
+            "others use every document.",
             "",
         ]
+    out += _adaptive_lines(report)
     if stable:
         out += [
             f"Stability: documents resampled with replacement; P = how often a block is among the "

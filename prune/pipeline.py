@@ -164,12 +164,25 @@ def _rank(
         batch_size=cal.batch_size,
         block_size=strategy.span,
         layers=starts if measure.per_layer else None,
+        adaptive=_adaptive_cut(run, strategy, removed, starts) if strategy.adaptive else None,
         engine=run.engine,
         cache=run.cache,
         progress=run.progress,
         removed=removed,
     )
     return measure.rank(request)
+
+
+def _adaptive_cut(
+    run: Run, strategy: Any, removed: tuple[int, ...], starts: list[int] | None
+) -> int | None:
+    """K for adaptive sampling: the spans the removal will take from the full model, then one
+    (the next pick) in each iterative round; None where no cut separates the candidates."""
+    target = target_removals(run.recipe.prune, run.depth)
+    k = 1 if removed else (target or 0) // strategy.span
+    left = run.depth - len(removed) - strategy.span + 1  # candidate spans in the model now
+    candidates = min(left, len(starts)) if starts is not None else left
+    return k if 1 <= k < candidates else None
 
 
 def _relevance(ranking: Any) -> dict[Any, float]:

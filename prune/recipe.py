@@ -112,6 +112,9 @@ class Strategy(_Section):
     # Iterative schedule, measured strategies: re-measure only this many of the least relevant
     # candidates of the previous round after each removal (None = every remaining candidate).
     rescore: int | None = None
+    # Measured strategies: sample documents adaptively (more only for the candidates whose
+    # interval straddles the cut of the removal; see `prune rank --adaptive`).
+    adaptive: bool = False
     # The variant's name (folder, card, comparison); default: see `key`.
     variant: Text | None = None
 
@@ -495,6 +498,24 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
             problems.append(
                 f"{where}.rescore: applies to measured strategies (such as kl or accuracy) under "
                 f"the iterative schedule; '{strat.name}' runs {schedule}"
+            )
+        if strat.adaptive and not (known and get_measure(strat.name).adaptive):
+            accepting = ", ".join(n for n in names if get_measure(n).adaptive)
+            problems.append(
+                f"{where}.adaptive: applies to the {accepting} strategies; '{strat.name}' "
+                "scores every block in one pass"
+            )
+        elif strat.adaptive and (strat.limit or recipe.evaluation.limit) is None:
+            problems.append(
+                f"{where}.adaptive: needs a document limit (strategies[].limit or "
+                "evaluation.limit): its last round uses that many documents per task"
+            )
+        elif strat.adaptive and all(
+            getattr(recipe.prune, k) is None for k in ("remove", "keep", "fraction")
+        ):
+            problems.append(
+                f"{where}.adaptive: needs a number of blocks to remove (prune.remove, keep or "
+                "fraction): the cut it samples around"
             )
         target = recipe.prune.remove
         if strat.span > 1 and target is not None and target % strat.span:

@@ -148,7 +148,12 @@ def build_comparison(
     for name, record in strategies.items():
         spec = specs.get(name)
         if spec is not None:  # what ranked this variant: the measure, its spans, re-measuring
-            record["strategy"] = {"measure": spec.name, "span": spec.span, "rescore": spec.rescore}
+            record["strategy"] = {
+                "measure": spec.name,
+                "span": spec.span,
+                "rescore": spec.rescore,
+                "adaptive": spec.adaptive,
+            }
     for name, steps in (intervals or {}).items():
         strategies[name]["history_vs_base"] = steps  # paired difference of each step
     names = list(results)

@@ -231,15 +231,27 @@ def test_quiet_in_a_real_process(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--metric", "accuracy", "--halving", "2"], "successive halving needs a document limit"),
-        (["--metric", "accuracy", "--halving", "0", "--limit", "64"], "halving 0 is invalid"),
+        (["--metric", "accuracy", "--adaptive", "2"], "adaptive sampling needs a document limit"),
         (
-            ["--metric", "cosine", "--halving", "2", "--limit", "64"],
-            "--halving applies to the accuracy",
+            ["--metric", "kl", "--adaptive", "0", "--limit", "64"],
+            "--adaptive 0 is invalid (accepted: K, the number of blocks the removal will take",
+        ),
+        (
+            ["--metric", "cosine", "--adaptive", "2", "--limit", "64"],
+            "--adaptive applies to the accuracy, probability, margin, kl measures only "
+            "(this run measures: cosine)",
         ),
     ],
 )
-def test_bad_halving_fails_before_loading(tmp_path, args, expected):
+def test_bad_adaptive_fails_before_loading(tmp_path, args, expected):
     missing = tmp_path / "no-such-model"  # never loaded: the options fail first
     result = CliRunner().invoke(cli, ["rank", str(missing), "--tasks", "local_copa", *args])
     _assert_one_error(result, expected)
+
+
+def test_adaptive_k_must_leave_candidates_beyond_the_cut(tiny_llama_dir, data_dir):
+    args = ["--tasks", "local_copa", "--data-dir", str(data_dir), "--limit", "32"]
+    result = CliRunner().invoke(
+        cli, ["rank", str(tiny_llama_dir), "--metric", "kl", "--adaptive", "4", *args]
+    )
+    _assert_one_error(result, "--adaptive 4 is invalid for 4 candidate blocks (accepted: 1 to 3")

@@ -91,8 +91,12 @@ def test_a_request_without_what_the_measure_needs_fails_clearly():
         rank_layers("cosine", RankRequest(loaded))
     with pytest.raises(PruneError, match="the accuracy measure needs evaluation tasks"):
         rank_layers("accuracy", RankRequest(loaded))
-    with pytest.raises(PruneError, match="does not apply to the perplexity measure"):
-        rank_layers("perplexity", RankRequest(loaded, texts=TEXTS, halving=2))
+    with pytest.raises(
+        PruneError,
+        match=r"adaptive sampling does not apply to the perplexity measure \(accepted: "
+        "accuracy, probability, margin, kl\\)",
+    ):
+        rank_layers("perplexity", RankRequest(loaded, texts=TEXTS, adaptive=2))
     with pytest.raises(PruneError, match="block size 2 is invalid for 2 layers"):
         rank_layers("cosine", RankRequest(loaded, texts=TEXTS, block_size=2, removed=(1,)))
 

@@ -441,6 +441,13 @@ def test_default_calibration_text_overlapping_a_report_task_warns():
             "strategies[1]: a variant named 'kl' is already",
         ),
         ("[{name: kl, variant: 'a/b'}]", "{remove: 2}", "strategies[0].variant: 'a/b' is not"),
+        ("[{name: cosine, adaptive: true}]", "{remove: 2}", "strategies[0].adaptive: applies to"),
+        ("[{name: kl, adaptive: true}]", "{remove: 2}", "strategies[0].adaptive: needs a document"),
+        (
+            "[{name: kl, adaptive: true, limit: 100}]",
+            "{max_drop: 0.1}",
+            "strategies[0].adaptive: needs a number of blocks",
+        ),
     ],
 )
 def test_span_schedule_and_rescore_fields_are_checked(strategies, prune, problem):
@@ -458,3 +465,11 @@ def test_variants_are_named_by_measure_span_and_schedule():
     )
     keys = [s.key(recipe.prune.schedule) for s in recipe.strategies]
     assert keys == ["cosine", "angular-span2", "kl-iterative", "mine"]
+
+
+def test_the_readme_recipe_reference_is_a_valid_recipe():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Recipe reference", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    recipe = parse_recipe(block, depth=30)
+    keys = [s.key(recipe.prune.schedule) for s in recipe.strategies]
+    assert keys == ["cosine", "accuracy", "kl-span2", "kl-lazy"]

@@ -15,8 +15,10 @@ from prune.errors import PruneError
 from prune.evaluate.cache import ResultCache, model_fingerprint
 from prune.evaluate.perplexity import perplexity
 from prune.evaluate.removals import evaluate_removals
-from prune.evaluate.settings import EvalSettings, TaskScore
-from prune.measures.accuracy import accuracy_relevance, halving_rounds
+from prune.evaluate.settings import DocOutcomes, EvalSettings, TaskScore
+from prune.layer_report import build_report, render_table
+from prune.measures.accuracy import accuracy_relevance
+from prune.measures.base import LayerScore, adaptive_rounds, cut_value, settled
 from prune.measures.cosine import cosine_relevance
 from prune.measures.perplexity import perplexity_relevance
 from prune.models import LoadedModel
@@ -226,73 +228,139 @@ def test_cache_resumes_after_interruption_and_survives_corruption(tmp_path, fake
     assert fake_engine.seen == [()]
 
 
-# True drop of removing each of 8 blocks; block 2 looks worse on few documents (noise / n).
-TRUE_DROP = [0.5, 0.4, 0.05, 0.35, 0.01, 0.2, 0.1, 0.6]
-NOISE = [0.0, 0.0, 4.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+# Adaptive sampling. Documents wrong per 16 when each of 8 blocks is removed alone (the base
+# model gets every document right): 0 and 1 clearly irrelevant, 4-7 clearly relevant, and 2
+# (0.25) and 3 (0.375) straddle the cut of a 3-block removal (their midpoint, 0.3125).
+WRONG_PER_16 = [0, 1, 4, 6, 14, 16, 12, 15]
 
 
-class HalvingEngine(FakeEngine):
-    """Scores depend on the document limit, so rounds of successive halving see different drops."""
+class OutcomeEngine:
+    """Stands in for the fast engine with per-document outcomes: with block i removed,
+    document d is answered wrong when d % 16 < wrong[i]. Records the candidates and the
+    documents per task of every call."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, wrong: list[int] = WRONG_PER_16) -> None:
+        self.wrong = wrong
+        self.calls: list[list[tuple[int, ...]]] = []
         self.limits: list[int] = []
 
     def __call__(self, model, tokenizer, settings, candidates, progress=True):
         self.calls.append([tuple(c) for c in candidates])
         self.limits.append(settings.limit)
-        n = settings.limit
-        return [
-            {
-                t: TaskScore(
-                    t, "acc", 1.0 - (TRUE_DROP[c[0]] + NOISE[c[0]] / n if c else 0), 0.01, n
-                )
-                for t in settings.tasks
-            }
-            for c in candidates
-        ]
+        docs = list(range(settings.limit))
+        out = []
+        for cand in candidates:
+            right = [not any(d % 16 < self.wrong[i] for i in cand) for d in docs]
+            outcomes = DocOutcomes(
+                doc_ids=docs,
+                values={"acc": [float(r) for r in right]},
+                lls=[[0.0, -1.0] if r else [-1.0, 0.0] for r in right],
+                gold=[0] * len(docs),
+                choice_lengths=[[1, 1]] * len(docs),
+            )
+            value = sum(right) / len(docs)
+            out.append(
+                {
+                    t: TaskScore(t, "acc", value, 0.01, len(docs), outcomes=outcomes)
+                    for t in settings.tasks
+                }
+            )
+        return out
 
 
-def test_successive_halving_keeps_the_least_relevant_to_the_end(monkeypatch):
-    engine = HalvingEngine()
+@pytest.fixture
+def outcome_engine(monkeypatch):
+    engine = OutcomeEngine()
+    monkeypatch.setattr(removals_mod, "_fast_engine", lambda: engine)
+    monkeypatch.setattr(removals_mod, "_task_names", lambda s: list(s.tasks))
+    return engine
+
+
+def test_adaptive_sampling_spends_documents_only_on_candidates_straddling_the_cut(
+    outcome_engine,
+):
+    loaded = _loaded(tiny_model("llama", 8))
+    settings = EvalSettings(tasks=("a",), limit=64)
+    ranking = accuracy_relevance(loaded, settings, engine="fast", progress=False, adaptive=3)
+    assert outcome_engine.limits == [16, 32, 64]
+    assert outcome_engine.calls == [
+        [(), *[(i,) for i in range(8)]],  # round 1: every candidate
+        [(), (2,), (3,)],  # the others' intervals lay on one side of 0.3125: settled
+        [(), (2,), (3,)],  # still straddling on 32 documents: scored on all 64
+    ]
+    got = ranking.by_index()
+    assert [got[i].documents for i in range(8)] == [16, 16, None, None, 16, 16, 16, 16]
+    for i, wrong in enumerate(WRONG_PER_16):
+        assert got[i].score == pytest.approx(wrong / 16)
+    lo, hi = got[1].ci95
+    assert hi < 0.3125 and got[6].ci95[0] > 0.3125 and got[2].ci95[1] > 0.3125
+    assert ranking.settings["adaptive"] == 3
+    assert ranking.settings["rounds"] == [16, 32, 64]
+    assert ranking.settings["round_candidates"] == [8, 2, 2]
+    assert ranking.settings["documents_used"] == {
+        "used": 8 * 16 + 2 * 32 + 2 * 64,
+        "exhaustive": 8 * 64,
+    }
+    assert ranking.baseline["a"].n == 64
+    # Per-document contributions only for the blocks scored on every document: no stability.
+    assert sorted(ranking.signals) == [2, 3] and ranking.stability(3) is None
+    # The exhaustive ranking agrees on the 3 blocks the removal takes (and here on the order).
+    outcome_engine.calls.clear()
+    outcome_engine.limits.clear()
+    full = accuracy_relevance(loaded, settings, engine="fast", progress=False)
+    assert outcome_engine.limits == [64]
+    assert all(s.documents is None for s in full.scores)
+    assert full.order()[:3] == ranking.order()[:3] == [0, 1, 2]
+    assert ranking.order() == full.order() == [0, 1, 2, 3, 6, 4, 7, 5]
+    assert full.stability(3) is not None
+    # The table marks the early scores and says what was saved; stability is left out.
+    report = build_report("tiny", {"accuracy": ranking}, {})
+    assert report["stability"] is None
+    table = render_table(report)
+    assert "| 0 | 0.0000 ± 0.0000 (n=16) |" in table and "| 2 | 0.2500 ± 0.0546 |" in table
+    assert "candidates per round (documents per task): 8 on 16, 2 on 32, 2 on 64" in table
+    assert "320 of 512 candidate-documents per task (62%)" in table
+
+
+def test_adaptive_sampling_stops_once_the_removal_set_is_stable(monkeypatch):
+    engine = OutcomeEngine([0, 0, 16, 16, 16, 16, 16, 16])
     monkeypatch.setattr(removals_mod, "_fast_engine", lambda: engine)
     monkeypatch.setattr(removals_mod, "_task_names", lambda s: list(s.tasks))
     loaded = _loaded(tiny_model("llama", 8))
     settings = EvalSettings(tasks=("a",), limit=64)
-    ranking = accuracy_relevance(loaded, settings, engine="fast", progress=False, halving=2)
-    assert engine.limits == [16, 32, 64]
-    assert engine.calls == [
-        [(), *[(i,) for i in range(8)]],
-        [(), (2,), (4,), (5,), (6,)],  # round 1 keeps the 4 smallest drops (block 2: 0.30)
-        [(), (4,), (6,)],  # round 2 keeps 2 (= halving); block 2 now 0.175 > block 6's 0.1
-    ]
-    got = ranking.by_index()
-    assert [got[i].documents for i in range(8)] == [16, 16, 32, 16, None, 32, None, 16]
-    assert got[4].score == pytest.approx(0.01) and got[6].score == pytest.approx(0.1)
-    assert got[2].score == pytest.approx(0.05 + 4.0 / 32)  # its estimate from round 2
-    assert ranking.order() == [4, 6, 2, 5, 3, 1, 0, 7]
-    assert ranking.settings["rounds"] == [16, 32, 64] and ranking.settings["halving"] == 2
-    # The survivors' scores are exactly those of the full run, which scores everyone once.
+    ranking = accuracy_relevance(
+        loaded, settings, engine="fast", progress=False, adaptive=2, signal="kl", measure="kl"
+    )
+    assert engine.limits == [16]  # every interval on its side of the cut after round 1
+    assert [s.documents for s in ranking.scores] == [16] * 8
+    assert ranking.order()[:2] == [0, 1] and ranking.signals is None
+    assert ranking.settings["rounds"] == [16] and ranking.settings["round_candidates"] == [8]
+    assert ranking.settings["documents_used"] == {"used": 128, "exhaustive": 512}
     engine.calls.clear()
-    engine.limits.clear()
-    full = accuracy_relevance(loaded, settings, engine="fast", progress=False)
-    assert engine.limits == [64]
-    assert all(s.documents is None for s in full.scores)
-    assert full.order()[:2] == ranking.order()[:2]
-    for i in (4, 6):
-        assert full.by_index()[i].score == got[i].score
+    with pytest.raises(
+        PruneError, match=r"--adaptive 8 is invalid for 8 candidate blocks \(accepted: 1 to 7"
+    ):
+        accuracy_relevance(loaded, settings, engine="fast", progress=False, adaptive=8)
+    assert engine.calls == []  # refused before any evaluation
 
 
-def test_halving_rounds():
-    assert halving_rounds(200, 3) == [25, 50, 100, 200]
-    assert halving_rounds(33, 1) == [17, 33]
-    assert halving_rounds(31, 1) == [31]  # too few documents to halve: one exact round
-    assert halving_rounds(None, None) == [None] and halving_rounds(50, None) == [50]
+def test_adaptive_rounds_and_the_cut():
+    assert adaptive_rounds(200, 3) == [25, 50, 100, 200]
+    assert adaptive_rounds(33, 1) == [17, 33]
+    assert adaptive_rounds(31, 1) == [31]  # too few documents to split: one exhaustive round
+    assert adaptive_rounds(None, None) == [None] and adaptive_rounds(50, None) == [50]
     with pytest.raises(PruneError, match="needs a document limit"):
-        halving_rounds(None, 2)
+        adaptive_rounds(None, 2)
     for bad in (0, -1, True, 1.5):
         with pytest.raises(PruneError, match="is invalid"):
-            halving_rounds(100, bad)
+            adaptive_rounds(100, bad)
+    assert cut_value([0.4, 0.1, 0.3, 0.0], 2) == pytest.approx(0.2)
+    # The paired interval decides; without one, score +- 1.96 stderr; without either, never.
+    assert settled(LayerScore(0, 0.1, 0.5, ci95=(0.05, 0.15)), 0.2)
+    assert not settled(LayerScore(0, 0.1, 0.01, ci95=(0.05, 0.25)), 0.2)
+    assert settled(LayerScore(0, 0.5, 0.1), 0.2) and not settled(LayerScore(0, 0.3, 0.1), 0.2)
+    assert not settled(LayerScore(0, 0.2, 0.0, ci95=(0.2, 0.2)), 0.2)  # on the cut: unsettled
+    assert not settled(LayerScore(0, 0.9, None), 0.2)
 
 
 def test_lm_eval_cached_and_uncached_agree(tmp_path, data_dir):

@@ -271,7 +271,8 @@ def test_spans_schedules_and_rescore_per_strategy(
         "  - cosine\n"
         "  - {name: angular, span: 2}\n"
         "  - {name: kl, tasks: [local_copa], limit: 4, span: 2}\n"
-        "  - {name: kl, tasks: [local_copa], limit: 4, schedule: iterative, rescore: 2}\n"
+        "  - {name: kl, tasks: [local_copa], limit: 4, schedule: iterative, rescore: 2,\n"
+        "     adaptive: true}\n"
         "evaluation: {tasks: [local_piqa], limit: 4}\n"
         "prune: {remove: 2, protect: [0]}\n"
     )
@@ -289,9 +290,11 @@ def test_spans_schedules_and_rescore_per_strategy(
         assert data["strategy"]["span"] == 2
     iterative = strategies["kl-iterative"]
     assert iterative["schedule"] == "iterative" and iterative["rankings"] == 2
-    assert iterative["strategy"] == {"measure": "kl", "span": 1, "rescore": 2}
+    assert iterative["strategy"] == {"measure": "kl", "span": 1, "rescore": 2, "adaptive": True}
     # The relevance table holds the single-block rankings only, one per measure.
     assert set(comparison["relevance"]["orders"]) == {"cosine", "kl"}
+    # Adaptive sampling around the cut of the 2 blocks the removal takes.
+    assert comparison["relevance"]["settings"]["kl"]["adaptive"] == 2
     card = (out / "variants" / "kl-span2" / "README.md").read_text()
     assert "in spans of 2 consecutive blocks" in card
     assert "re-measuring the 2 least relevant after each removal" in card

@@ -18,15 +18,15 @@ import importlib
 import pkgutil
 
 from prune.errors import PruneError
-from prune.measures.base import LayerScore, Measure, Ranking, RankRequest, halving_rounds
+from prune.measures.base import LayerScore, Measure, Ranking, RankRequest, adaptive_rounds
 
 __all__ = [
     "LayerScore",
     "Measure",
     "RankRequest",
     "Ranking",
+    "adaptive_rounds",
     "get_measure",
-    "halving_rounds",
     "measure_names",
     "rank_layers",
     "registry",

@@ -5,8 +5,8 @@ and averaged over tasks, through `prune.evaluate.removals.evaluate_removals` (so
 results are cached per removed set). With blocks already removed (the iterative
 schedule) the baseline is the model without them and each candidate removes one
 more, always as removals from the full model with original indices, so every step
-shares cache entries with every other. Opt-in successive halving spends fewer
-documents on blocks that clearly matter.
+shares cache entries with every other. Opt-in adaptive sampling spends more
+documents only on the blocks whose place in the removal set is still uncertain.
 """
 
 from __future__ import annotations
@@ -18,7 +18,16 @@ from typing import Any
 
 from prune.errors import PruneError
 from prune.measures._blocks import windows
-from prune.measures.base import LayerScore, Measure, Ranking, RankRequest, halving_rounds
+from prune.measures.base import (
+    LayerScore,
+    Measure,
+    Ranking,
+    RankRequest,
+    adaptive_rounds,
+    check_adaptive,
+    cut_value,
+    settled,
+)
 
 
 def accuracy_drop(
@@ -119,7 +128,7 @@ def accuracy_relevance(
     engine: str = "auto",
     cache: Any = None,
     progress: bool = True,
-    halving: int | None = None,
+    adaptive: int | None = None,
     removed: Sequence[int] = (),
     signal: str = "correct",
     measure: str = "accuracy",
@@ -131,12 +140,16 @@ def accuracy_relevance(
     original indices already taken out: the baseline is the model without them, and
     the remaining blocks are scored under their original indices.
 
-    `halving` (opt-in early stopping) runs successive halving over the candidates:
-    every block on the first limit/8 or so documents, then the half that looks least
-    relevant on twice as many, and so on up to `settings.limit`, keeping at least
-    `halving` blocks to the end. Those get exact scores; blocks dropped earlier keep
-    the estimate of their last round (`LayerScore.documents`). Without it every
-    block is scored on every document.
+    `adaptive` = K (opt-in, needs `settings.limit`) samples documents adaptively for a
+    removal of K candidates: round 1 scores every candidate on about limit/8 documents per
+    task (`adaptive_rounds`); after each round the cut is the midpoint between the K-th
+    and (K+1)-th smallest latest scores, and a candidate whose 95% interval lies entirely
+    on one side of it is settled (`settled`). Only the unsettled ones are scored again on
+    twice as many documents, up to `settings.limit`; it stops once none is unsettled.
+    A score settled early records its documents per task (`LayerScore.documents`); the
+    ranking's settings record K, the rounds run, how many candidates each scored and the
+    candidate-documents used against the exhaustive count, and its baseline is the last
+    round's. Without it every candidate is scored on every document.
     """
     from prune.evaluate.removals import evaluate_removals
     from prune.surgery import count_layers
@@ -144,24 +157,29 @@ def accuracy_relevance(
     num_layers = count_layers(loaded.model)
     gone = tuple(sorted(set(removed)))
     candidates = windows(num_layers, block_size, gone, layers)
-    rounds = halving_rounds(settings.limit, halving)
-    final: dict[tuple[int, ...], LayerScore] = {}
-    alive = list(candidates)
+    rounds = adaptive_rounds(settings.limit, adaptive)
+    if adaptive is not None:
+        check_adaptive(adaptive, len(candidates))
+    latest: dict[tuple[int, ...], LayerScore] = {}
+    per_doc: dict[int, dict[str, dict[int, float]]] = {}  # of candidates scored on every document
+    pending = list(candidates)
+    run: list[tuple[int, int]] = []  # (documents per task, candidates scored) per round
+    base: Any = None
     for number, docs in enumerate(rounds, start=1):
         last = number == len(rounds)
         step = settings if last else replace(settings, limit=docs)
         results = evaluate_removals(
             loaded,
             step,
-            [gone, *(tuple(sorted((*gone, *span))) for span in alive)],
+            [gone, *(tuple(sorted((*gone, *span))) for span in pending)],
             engine=engine,
             cache=cache,
             progress=progress,
         )
         base = results[0]
-        per_doc: dict[int, dict[str, dict[int, float]]] = {}
-        scored = {
-            span: accuracy_drop(
+        run.append((docs, len(pending)))
+        for span, result in zip(pending, results[1:], strict=True):
+            score = accuracy_drop(
                 span[0],
                 base,
                 result,
@@ -169,35 +187,34 @@ def accuracy_relevance(
                 documents=None if last else docs,
                 signal=signal,
                 seed=settings.seed,
-                keep=per_doc,
+                keep=per_doc if last else None,
             )
-            for span, result in zip(alive, results[1:], strict=True)
-        }
-        for span, score in scored.items():  # spans across removed blocks name their blocks
             if span != tuple(range(span[0], span[0] + len(span))):
-                score.blocks = span
+                score.blocks = span  # a span across removed blocks names its blocks
+            latest[span] = score
         if last:
-            final.update(scored)
             break
-        # Keep the half that looks least relevant (and at least `halving` blocks).
-        keep = max(halving or 0, math.ceil(len(alive) / 2))
-        ranked = sorted(alive, key=lambda span: (scored[span].score, span[0]))
-        alive = sorted(ranked[:keep])
-        final.update({span: scored[span] for span in ranked[keep:]})
-    scores = [final[span] for span in candidates]
+        cut = cut_value([latest[span].score for span in candidates], adaptive)  # type: ignore[arg-type]
+        pending = [span for span in pending if not settled(latest[span], cut)]
+        if not pending:  # the removal set is stable
+            break
+    scores = [latest[span] for span in candidates]
     meta = dict(settings.__dict__) | {"engine": engine, "block_size": block_size, "signal": signal}
     meta["tasks"] = list(settings.tasks)
-    if halving is not None:
-        meta |= {"halving": halving, "rounds": rounds}
+    if adaptive is not None:
+        full = settings.limit * len(candidates)
+        meta |= {
+            "adaptive": adaptive,
+            "rounds": [docs for docs, _ in run],
+            "round_candidates": [count for _, count in run],
+            # Candidate-documents per task (the baseline's evaluations left out).
+            "documents_used": {"used": sum(d * c for d, c in run), "exhaustive": full},
+        }
     if gone:
         meta["removed"] = list(gone)
-    # Per-document contributions of the blocks scored on every document (ranking stability).
-    signals = {
-        span[0]: per_doc[span[0]]
-        for span in candidates
-        if final[span].documents is None and span[0] in per_doc
-    }
-    return Ranking(measure, scores, num_layers, base, meta, signals or None)
+    # Per-document contributions exist for the candidates scored on every document only
+    # (ranking stability needs them for every block).
+    return Ranking(measure, scores, num_layers, base, meta, per_doc or None)
 
 
 def family_ranker(signal: str, measure: str):
@@ -212,7 +229,7 @@ def family_ranker(signal: str, measure: str):
             engine=request.engine,
             cache=request.cache,
             progress=request.progress,
-            halving=request.halving,
+            adaptive=request.adaptive,
             removed=request.removed,
             signal=signal,
             measure=measure,
@@ -230,7 +247,7 @@ MEASURE = Measure(
     ranker=family_ranker("correct", "accuracy"),
     needs_tasks=True,
     per_layer=True,
-    halving=True,
+    adaptive=True,
     documents_column="accuracy_documents",
     per_task_column="per_task_drop",
     color="tab:red",

@@ -1,9 +1,9 @@
 """The contract between the measures and their callers.
 
 What a relevance measure declares (`Measure`), what it is asked (`RankRequest`),
-what it returns (`Ranking` of `LayerScore`s), and the successive-halving schedule
-that per-layer measures may follow (`halving_rounds`). Torch-free: the registry,
-the CLI and the recipe checks import this.
+what it returns (`Ranking` of `LayerScore`s), and the document schedule of adaptive
+sampling that per-layer measures may follow (`adaptive_rounds`, `settled`). Torch-free:
+the registry, the CLI and the recipe checks import this.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ class LayerScore:
     span: int = 1
     per_task: dict[str, float] = field(default_factory=dict)
     per_task_stderr: dict[str, float | None] = field(default_factory=dict)
-    # Documents per task behind the score when successive halving dropped this block
-    # early (an estimate); None = every document the settings name.
+    # Documents per task behind the score when adaptive sampling settled this block on
+    # fewer documents than the limit; None = every document the settings name.
     documents: int | None = None
     # Paired 95% interval of `score` (measures scored per document against a baseline).
     ci95: tuple[float, float] | None = None
@@ -64,13 +64,10 @@ class Ranking:
 
     def order(self) -> list[int]:
         """Block (span start) indices, least relevant first; ties keep the lower index first.
-        After successive halving, blocks measured on every document come first, then those
-        dropped in later rounds before those dropped earlier (they looked more relevant)."""
-
-        def key(s: LayerScore) -> tuple:
-            return (-(math.inf if s.documents is None else s.documents), s.score, s.index)
-
-        return [s.index for s in sorted(self.scores, key=key)]
+        Purely by score, whatever the documents behind it: after adaptive sampling a block
+        settled on fewer documents carries an unbiased (if wider) estimate, and its interval
+        already lay on its side of the cut."""
+        return [s.index for s in sorted(self.scores, key=lambda s: (s.score, s.index))]
 
     def by_index(self) -> dict[int, LayerScore]:
         """Scores keyed by block (span start) index."""
@@ -123,8 +120,10 @@ class RankRequest:
     limits the per-layer measures to these block (span start) indices, given as
     original indices. `removed` lists original block indices already taken out
     (the iterative schedule): the measure ranks the remaining blocks and returns
-    their scores under original indices. `halving` turns on successive halving
-    (measures that accept it).
+    their scores under original indices. `adaptive` (K, the number of blocks or spans
+    the removal will take) turns on adaptive sampling (measures that accept it):
+    more documents only for candidates whose interval straddles the cut between the
+    K least relevant and the rest.
     """
 
     loaded: Any
@@ -137,7 +136,7 @@ class RankRequest:
     engine: str = "auto"
     cache: Any = None  # ResultCache | None (prune.evaluate.cache)
     progress: bool = True
-    halving: int | None = None
+    adaptive: int | None = None
     removed: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -152,10 +151,10 @@ class Measure:
     that the request carries what the measure needs. In report rows the measure's
     score is `column` and its standard error `<column>_stderr` (unless `stderr` is
     False); `documents_column` and `per_task_column` name optional extra columns
-    (successive-halving document counts, per-task scores). `digits` is how many
+    (documents behind a score settled early by adaptive sampling, per-task scores). `digits` is how many
     decimals tables show. `needs_texts` / `needs_tasks` say what the caller must
     supply; `per_layer` measures cost one evaluation per block (so `layers` and
-    `engine` apply to them); `halving` measures accept successive halving.
+    `engine` apply to them); `adaptive` measures accept adaptive sampling.
     `span_label` replaces `label` when blocks are scored in spans (block_size > 1).
     """
 
@@ -167,7 +166,7 @@ class Measure:
     needs_texts: bool = False
     needs_tasks: bool = False
     per_layer: bool = False
-    halving: bool = False
+    adaptive: bool = False
     stderr: bool = True
     documents_column: str | None = None
     per_task_column: str | None = None
@@ -206,10 +205,13 @@ class Measure:
             raise PruneError(
                 f"the {self.name} measure needs evaluation tasks (e.g. local_arc_easy)"
             )
-        if request.halving is not None and not self.halving:
+        if request.adaptive is not None and not self.adaptive:
+            from prune.measures import registry
+
+            accepting = ", ".join(m.name for m in registry().values() if m.adaptive)
             raise PruneError(
-                f"successive halving does not apply to the {self.name} measure (it applies to "
-                "measures that evaluate tasks once per block, such as accuracy)"
+                f"adaptive sampling does not apply to the {self.name} measure (accepted: "
+                f"{accepting})"
             )
 
     def rank(self, request: RankRequest) -> Ranking:
@@ -228,27 +230,59 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-# Documents per task in the first round of successive halving (fewer make drops too noisy).
-HALVING_MIN_DOCUMENTS = 16
+# Documents per task in the first round of adaptive sampling (fewer make drops too noisy).
+ADAPTIVE_MIN_DOCUMENTS = 16
 
 
-def halving_rounds(limit: int | None, halving: int | None) -> list[int]:
-    """Documents per task in each round: `limit` halved until one more halving would go below
-    HALVING_MIN_DOCUMENTS, smallest first (e.g. 200 -> [25, 50, 100, 200]); `[limit]` without
-    halving."""
-    if halving is None:
+def adaptive_rounds(limit: int | None, adaptive: int | None) -> list[int]:
+    """Documents per task in each round of adaptive sampling: `limit` halved until one more
+    halving would go below ADAPTIVE_MIN_DOCUMENTS, smallest first (e.g. 200 -> [25, 50,
+    100, 200]); `[limit]` without adaptive sampling. PruneError for a bad K or no limit."""
+    if adaptive is None:
         return [limit]  # type: ignore[list-item]
-    if isinstance(halving, bool) or not isinstance(halving, int) or halving < 1:
+    if isinstance(adaptive, bool) or not isinstance(adaptive, int) or adaptive < 1:
         raise PruneError(
-            f"halving {halving!r} is invalid (accepted: the number of least relevant blocks to "
-            "measure on every document, an integer >= 1)"
+            f"--adaptive {adaptive!r} is invalid (accepted: K, the number of blocks the removal "
+            "will take, an integer >= 1 and below the number of candidates)"
         )
     if limit is None:
         raise PruneError(
-            "successive halving needs a document limit (--limit N): the last round uses N "
+            "adaptive sampling needs a document limit (--limit N): the last round uses N "
             "documents per task, earlier rounds N/2, N/4, ..."
         )
     rounds = [limit]
-    while rounds[0] // 2 >= HALVING_MIN_DOCUMENTS:
+    while rounds[0] // 2 >= ADAPTIVE_MIN_DOCUMENTS:
         rounds.insert(0, math.ceil(rounds[0] / 2))
     return rounds
+
+
+def check_adaptive(adaptive: int, candidates: int) -> None:
+    """PruneError unless 1 <= K < `candidates` (a cut needs candidates on both sides)."""
+    if not 1 <= adaptive < candidates:
+        raise PruneError(
+            f"--adaptive {adaptive} is invalid for {candidates} candidate blocks (accepted: "
+            f"1 to {candidates - 1}, the number the removal will take)"
+        )
+
+
+def interval(score: LayerScore) -> tuple[float, float] | None:
+    """The 95% interval of a score: its paired `ci95`, else score +- 1.96 stderr, else None."""
+    if score.ci95 is not None:
+        return (float(score.ci95[0]), float(score.ci95[1]))
+    if score.stderr is not None and math.isfinite(score.stderr):
+        return (score.score - 1.96 * score.stderr, score.score + 1.96 * score.stderr)
+    return None
+
+
+def cut_value(scores: Sequence[float], adaptive: int) -> float:
+    """The cut between the K = `adaptive` smallest scores and the rest: the midpoint of the
+    K-th and (K+1)-th smallest."""
+    ranked = sorted(scores)
+    return (ranked[adaptive - 1] + ranked[adaptive]) / 2
+
+
+def settled(score: LayerScore, cut: float) -> bool:
+    """Whether the score's 95% interval lies entirely on one side of `cut` (more documents
+    would not move it across); a score without an interval never settles."""
+    bounds = interval(score)
+    return bounds is not None and (bounds[1] < cut or bounds[0] > cut)

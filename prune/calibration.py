@@ -113,19 +113,19 @@ def load_calibration(
             )
         texts = read_text_file(folder / DEFAULT_FILE)
     else:
-        path = Path(source).expanduser()
-        looks_like_file = path.suffix.lower() in (
-            ".txt",
-            ".jsonl",
-            ".json",
-            ".text",
-        ) or os.sep in str(source)
-        texts = (
-            read_text_file(path)
-            if path.exists() or looks_like_file
-            else read_hf_dataset(str(source))
-        )
+        path = file_source(source)
+        texts = read_text_file(path) if path is not None else read_hf_dataset(str(source))
     return texts[:samples]
+
+
+def file_source(source: str | os.PathLike) -> Path | None:
+    """The local file a calibration source names (an existing path, a .txt/.jsonl/.json/.text
+    name or anything with a path separator), or None for a Hugging Face dataset name."""
+    path = Path(source).expanduser()
+    looks_like_file = path.suffix.lower() in (".txt", ".jsonl", ".json", ".text") or os.sep in str(
+        source
+    )
+    return path if path.exists() or looks_like_file else None
 
 
 def encode_texts(

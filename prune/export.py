@@ -8,11 +8,22 @@ shard). Everything is written into a temporary sibling folder that is renamed
 into place at the end (`prune.atomic.atomic_folder`), so an interrupted export
 never leaves a half-written folder behind, and the temporaries of an export that
 was killed outright are removed before the next one to the same place.
+
+prune.json keeps the chain when an already pruned folder is pruned again:
+`removed_layers`, `num_layers_before` and `source` describe this prune (indices of
+the model it loaded), while `removed_layers_original` (every block removed so far,
+in the original model's numbering), `num_layers_original` and `original_source`
+(the model the first prune loaded) describe the whole chain, and `chain` lists the
+earlier prune.json records, oldest first (each without its own `chain`). For a
+first prune these equal `removed_layers`, `num_layers_before` and `source`, and
+`chain` is empty. The source's license carries over through `source.license`
+(see `prune.models.resolve_source`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -24,11 +35,13 @@ from prune import __version__
 from prune.atomic import atomic_folder, sweep_temporaries, write_error
 from prune.defaults import DEFAULT_SHARD_SIZE
 from prune.errors import PruneError
-from prune.models import LoadedModel
+from prune.models import LoadedModel, pruned_record
 from prune.sizes import parse_size
 from prune.surgery import count_layers, locate_layers
 
 PRUNE_JSON = "prune.json"
+
+log = logging.getLogger(__name__)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -89,7 +102,7 @@ def _write_record(folder: Path, record: Mapping[str, Any]) -> None:
 def prune_record(
     loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """The provenance written to prune.json."""
+    """The provenance written to prune.json (see the module docstring for the chain fields)."""
     record: dict[str, Any] = {
         "prune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -98,10 +111,54 @@ def prune_record(
         "num_layers_before": layers_before,
         "num_layers_after": count_layers(loaded.model),
         "layer_path": locate_layers(loaded.model).path,
+        **_chain(loaded, removed, layers_before),
     }
     if extra:
         record.update(extra)
     return record
+
+
+def _chain(loaded: LoadedModel, removed: list[int], layers_before: int) -> dict[str, Any]:
+    """The chain fields of prune.json: this prune alone, or continuing the one that wrote the
+    source folder's prune.json (its kept blocks, in original numbering, are this model's)."""
+    first = {
+        "removed_layers_original": sorted(removed),
+        "num_layers_original": layers_before,
+        "original_source": loaded.source.to_dict(),
+        "chain": [],
+    }
+    source = loaded.source
+    earlier = pruned_record(Path(source.path)) if source.kind == "local" and source.path else None
+    if earlier is None:
+        return first
+    gone = earlier.get("removed_layers_original", earlier.get("removed_layers"))
+    depth = earlier.get("num_layers_original", earlier.get("num_layers_before"))
+    valid = (
+        isinstance(depth, int)
+        and isinstance(gone, list)
+        and all(isinstance(i, int) and 0 <= i < depth for i in gone)
+    )
+    kept = [i for i in range(depth) if i not in gone] if valid else []
+    if len(kept) != layers_before:
+        log.warning(
+            "%s/%s does not describe this checkpoint (%s layers left; its weights hold %d): "
+            "recording this prune without the earlier ones",
+            source.path,
+            PRUNE_JSON,
+            len(kept) if valid else "unknown",
+            layers_before,
+        )
+        return first
+    original = earlier.get("original_source") or earlier.get("source") or first["original_source"]
+    return {
+        "removed_layers_original": sorted({*gone, *(kept[i] for i in removed)}),
+        "num_layers_original": depth,
+        "original_source": original,
+        "chain": [
+            *(prior if isinstance(prior := earlier.get("chain"), list) else []),
+            {k: v for k, v in earlier.items() if k != "chain"},
+        ],
+    }
 
 
 def export_checkpoint(

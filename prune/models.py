@@ -47,6 +47,7 @@ class ModelSource:
     hub_id: str | None  # the Hub id of the original model, when known
     revision: str | None  # Hub revision, when known
     sha256: str | None  # for GGUF files
+    # The embedded model's; for a local folder, the one its prune.json carries or its card's.
     license: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +123,15 @@ def resolve_source(spec: str) -> ModelSource:
             raise PruneError(
                 f"model folder '{spec}' has no config.json (accepted: a transformers checkpoint folder)"
             )
-        return ModelSource(spec, "local", str(path.resolve()), _local_hub_id(path), None, None)
+        return ModelSource(
+            spec,
+            "local",
+            str(path.resolve()),
+            _local_hub_id(path),
+            None,
+            None,
+            _local_license(path),
+        )
     if not HUB_ID.fullmatch(spec) or spec.lower().endswith(".gguf"):
         raise PruneError(
             f"model '{spec}' not found: not a local folder or .gguf file, not an embedded name "
@@ -131,14 +140,45 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", None, spec, None, None)
 
 
+def pruned_record(folder: Path) -> dict[str, Any] | None:
+    """The prune.json record of a folder `prune` exported, or None (absent or unreadable)."""
+    try:
+        record = json.loads((Path(folder) / "prune.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _recorded_source(path: Path) -> dict[str, Any]:
+    """The source recorded in a pruned folder's prune.json ({} for any other folder)."""
+    source = (pruned_record(path) or {}).get("source")
+    return source if isinstance(source, dict) else {}
+
+
 def _local_hub_id(path: Path) -> str | None:
-    meta = path / "prune.json"
-    if meta.exists():
-        try:
-            return json.loads(meta.read_text()).get("source", {}).get("hub_id")
-        except (OSError, ValueError):
-            return None
-    return None
+    return _recorded_source(path).get("hub_id")
+
+
+def _local_license(path: Path) -> str | None:
+    """A local checkpoint's license: the one its prune.json carries over from the model it was
+    pruned from, else its model card's `license:` front matter (a Hub snapshot, a run variant)."""
+    recorded = _recorded_source(path).get("license")
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    try:
+        card = (path / "README.md").read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not card.startswith("---\n") or "\n---\n" not in card[4:]:
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(card[4 : card.index("\n---\n", 4)])
+    except yaml.YAMLError:
+        return None
+    found = meta.get("license") if isinstance(meta, dict) else None
+    return found if isinstance(found, str) and found else None
 
 
 def _mps_available() -> bool:

@@ -36,6 +36,7 @@ from prune.recipe import (
     Recipe,
     apply_overrides,
     check_depth,
+    check_output_folder,
     default_out,
     load_recipe,
     target_removals,
@@ -235,6 +236,7 @@ def prepare(run: Run) -> None:
     run.out = Path(run.recipe.export.out or default_out(run.recipe))
     sweep_temporaries(run.out, depth=2)  # what killed runs left (variants/.kl.tmp-*, ...)
     _check_out(run.out, run.overwrite, run.resume)
+    check_output_folder(run.out)  # `--out` too, which the recipe's check does not see
     for warning in run.recipe.warnings:
         run.echo(f"Warning: {warning}")
     names = list(run.recipe.evaluation.tasks)
@@ -383,12 +385,10 @@ def export(run: Run) -> None:
     run.figure = plot_relevance(relevance) if relevance else None
     run.tradeoff = plot_tradeoff(run.comparison)
     recipe_text = run.recipe.raw_text
+    fingerprint = _run_fingerprint(run.recipe)
     for name, result in run.results.items():
         folder = run.out / "variants" / name
         removed = sorted(result.removed)
-        if run.resume and _variant_done(folder, removed, run.loaded):
-            run.variants[name] = folder
-            continue
         card = render_card(
             run.comparison,
             name,
@@ -403,6 +403,15 @@ def export(run: Run) -> None:
         }
         if run.figure:
             files["relevance.png"] = run.figure
+        if run.resume and _variant_done(folder, removed, run.loaded, fingerprint, run.echo):
+            # The weights are what this run would write; the card compares every strategy
+            # and quotes the recipe text, so the small files are always this run's.
+            for file, content in files.items():
+                write_file(folder / file, content)
+            if not run.figure:
+                (folder / "relevance.png").unlink(missing_ok=True)
+            run.variants[name] = folder
+            continue
         removal = drop_layers(run.loaded.model, removed) if removed else None
         try:
             export_checkpoint(
@@ -413,6 +422,7 @@ def export(run: Run) -> None:
                 overwrite=True,
                 max_shard_size=run.recipe.export.max_shard_size,
                 extra={
+                    "run_fingerprint": fingerprint,
                     "strategy": name,
                     "schedule": result.schedule,
                     "removal_order": result.removed,
@@ -546,15 +556,56 @@ def _write_comparison(run: Run) -> None:
     write_file(run.out / "comparison.json", json.dumps(run.comparison, indent=2) + "\n")
 
 
-def _variant_done(folder: Path, removed: list[int], loaded: Any) -> bool:
-    """A variant from an interrupted run can be kept when it removed the same layers of the same model."""
+def _variant_done(
+    folder: Path, removed: list[int], loaded: Any, fingerprint: str, echo: Echo
+) -> bool:
+    """Whether the variant in `folder` (from an earlier run) is what this run would export: the
+    same run fingerprint (recipe and prune version), removed layers and source. A folder that
+    exists but is not is announced (one line saying why) and then rebuilt by the caller."""
     try:
         record = json.loads((folder / "prune.json").read_text())
+    except FileNotFoundError:
+        return False  # never exported (e.g. the run was interrupted before it)
     except (OSError, ValueError):
-        return False
-    return (
-        record.get("removed_layers") == removed and record.get("source") == loaded.source.to_dict()
+        record = None
+    if not isinstance(record, dict):
+        why = "its prune.json is unreadable"
+    elif record.get("run_fingerprint") != fingerprint:
+        why = "the recipe or prune's version changed since it was exported"
+    elif record.get("removed_layers") != removed:
+        why = f"it removed layers {record.get('removed_layers')}, this run removes {removed}"
+    elif record.get("source") != loaded.source.to_dict():
+        why = "it was pruned from another source model"
+    else:
+        echo(f"[{folder.name}] keeping the exported weights (same recipe, layers and source)")
+        return True
+    echo(f"[{folder.name}] rebuilding the variant: {why}")
+    return False
+
+
+# Recipe settings that change nothing in a variant's weights or prune.json: where the outputs
+# go, publishing (the card, which names the repo, is rewritten on every run anyway), the
+# free-text description, and the evaluation batch size (the result cache ignores it too).
+_NOT_FINGERPRINTED = (("export", "out"), ("push",), ("description",), ("evaluation", "batch_size"))
+
+
+def _run_fingerprint(recipe: Recipe) -> str:
+    """SHA-256 (hex) of the effective recipe (CLI overrides applied, defaults filled in) and
+    prune's version: what a resumed run requires of a variant before it keeps its weights."""
+    import hashlib
+
+    from prune import __version__
+
+    settings = recipe.to_dict()
+    for path in _NOT_FINGERPRINTED:
+        parent = settings
+        for key in path[:-1]:
+            parent = parent.get(key, {})
+        parent.pop(path[-1], None)
+    payload = json.dumps(
+        {"recipe": settings, "prune_version": __version__}, sort_keys=True, default=str
     )
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def _repo_for(recipe: Recipe, strategy: str, layers: int) -> str | None:

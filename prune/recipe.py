@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -384,6 +385,8 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
 
     _check_strategies(recipe, problems, warnings)
     _check_calibration_overlap(recipe, warnings)
+    _check_calibration_file(recipe, problems)
+    _check_task_metrics(recipe, problems)
 
     pr = recipe.prune
     _choice(pr.schedule, defaults.SCHEDULES, "prune.schedule", problems)
@@ -415,6 +418,7 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
         parse_size(size)  # the export parses it again with the same function
     except PruneError:
         problems.append(f"export.max_shard_size: must be {SIZES_ACCEPTED}, got '{size}'")
+    _check_output(recipe, problems)
 
     if isinstance(recipe.seed, int) and not 0 <= recipe.seed <= SEED_MAX:
         problems.append(f"seed: must be between 0 and {SEED_MAX} (2**32 - 1), got {recipe.seed}")
@@ -546,6 +550,93 @@ def _check_strategies(recipe: Settings, problems: list[str], warnings: list[str]
                 f"{where}: ranks on the reporting task(s) {', '.join(shared)}: the reported scores of its "
                 "variant are optimistic (set strategies[].tasks to tasks not in evaluation.tasks)"
             )
+
+
+def _check_calibration_file(recipe: Settings, problems: list[str]) -> None:
+    """A calibration source that names a local file must exist, be readable and hold text,
+    when a strategy reads it (a dataset name is loaded, online, at run time)."""
+    from prune.calibration import file_source, read_text_file
+
+    source = recipe.calibration.source
+    readers = [s for s in recipe.strategies if s.name in measure_names()]
+    if source in (None, "default") or not any(get_measure(s.name).needs_texts for s in readers):
+        return
+    path = file_source(source)
+    if path is None:
+        return
+    try:
+        read_text_file(path)  # the same reader the run uses
+    except PruneError as exc:
+        problems.append(f"calibration.source: {exc}")
+
+
+def _check_task_metrics(recipe: Settings, problems: list[str]) -> None:
+    """A `metric:` must be reported by every local task it applies to (the reporting tasks
+    for evaluation.metric; a strategy's ranking tasks for its own metric or, without one,
+    evaluation.metric). lm-eval's and the user's tasks are not known offline: lm-eval checks
+    those when it evaluates them."""
+    from prune.tasks import local_task_metrics
+
+    reported = local_task_metrics()
+
+    def check(metric: str | None, tasks: Sequence[str], path: str, note: str = "") -> None:
+        if metric not in defaults.METRICS:  # None, or already reported as not a metric
+            return
+        for task in dict.fromkeys(tasks):
+            if task in reported and metric not in reported[task]:
+                problems.append(
+                    f"{path}: task '{task}'{note} has no metric '{metric}' (accepted for it: "
+                    f"{', '.join(reported[task])})"
+                )
+
+    ev = recipe.evaluation
+    check(ev.metric, ev.tasks, "evaluation.metric")
+    for i, strat in enumerate(recipe.strategies):
+        if strat.name not in measure_names() or not get_measure(strat.name).needs_tasks:
+            continue
+        tasks = strat.tasks if strat.tasks else default_rank_tasks(ev.tasks)
+        if strat.metric is not None:
+            check(strat.metric, tasks, f"strategies[{i}].metric")
+        else:
+            check(ev.metric, tasks, "evaluation.metric", f" (ranked on by strategies[{i}])")
+
+
+def _check_output(recipe: Settings, problems: list[str]) -> None:
+    """The output folder (export.out, or the default one) can be created and written."""
+    problem = output_folder_problem(recipe.export.out or default_out(recipe))  # type: ignore[arg-type]
+    if problem is not None:
+        problems.append(f"export.out: {problem}")
+
+
+def output_folder_problem(out: str | os.PathLike) -> str | None:
+    """Why the output folder `out` cannot be created or written, or None when it can: the
+    nearest existing folder on its path must be a writable folder."""
+    path = Path(out).expanduser()
+    for folder in (path, *path.parents):
+        try:
+            folder.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not there yet (or below a file, which is found further up)
+        except OSError as exc:
+            return f"output folder '{out}' cannot be created: cannot read '{folder}' ({exc.strerror or exc})"
+        if folder == path and not folder.is_dir():
+            return f"output '{out}' exists and is not a folder"
+        if not folder.is_dir():
+            return f"output folder '{out}' cannot be created: '{folder}' is a file, not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            if folder == path:
+                return f"output folder '{out}' is not writable"
+            return f"output folder '{out}' cannot be created: '{folder}' is not writable"
+        return None
+    return None
+
+
+def check_output_folder(out: str | os.PathLike) -> None:
+    """PruneError unless the output folder `out` can be created and written (`run --out`,
+    which the recipe's own check does not see, is checked with this before loading)."""
+    problem = output_folder_problem(out)
+    if problem is not None:
+        raise PruneError(problem)
 
 
 def _check_push(recipe: Settings, problems: list[str]) -> None:

@@ -83,6 +83,23 @@ def find_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
     return fallback if fallback.is_dir() else None
 
 
+@functools.lru_cache(maxsize=1)
+def local_task_metrics() -> dict[str, tuple[str, ...]]:
+    """Local task name -> the metrics its template reports (its `metric_list`, in order),
+    read from the YAML templates without lm-eval (recipe validation checks `metric:` with it)."""
+    import yaml
+
+    metrics: dict[str, tuple[str, ...]] = {}
+    for template in sorted(TEMPLATES.glob("*.yaml")):
+        spec = yaml.safe_load(template.read_text())
+        if isinstance(spec, dict) and isinstance(spec.get("task"), str):
+            listed = spec.get("metric_list") or []
+            metrics[spec["task"]] = tuple(
+                str(m["metric"]) for m in listed if isinstance(m, dict) and "metric" in m
+            )
+    return metrics
+
+
 def render_local_tasks(data_dir: Path) -> Path:
     """Write the task templates with `data_dir` filled in; return the (cached) folder."""
     texts = {p.name: p.read_text() for p in sorted(TEMPLATES.glob("*.yaml"))}

@@ -23,6 +23,7 @@ import torch
 from tiny import CONFIGS, byte_tokenizer, tiny_model
 
 from prune.errors import FastEngineUnsupported, PruneError
+from prune.evaluate.cache import ResultCache
 from prune.evaluate.engine import FastEngine, Request, attention_windows, plan_batches
 from prune.evaluate.harness import FastEvaluator, LmEvalRunner, _without_env_info, close_calls
 from prune.evaluate.removals import evaluate_removals
@@ -261,6 +262,70 @@ def test_evaluate_removals_fast_engine_matches_lm_eval(task_dir):
                 s[name].value,
                 s[name].n,
             )
+
+
+def test_interrupted_ranking_resumes_with_the_unfinished_candidates(
+    task_dir, tmp_path, monkeypatch
+):
+    """Each candidate is cached the moment the fast engine finishes it: a Ctrl-C after the
+    second candidate keeps those two, and the next run evaluates only the other three."""
+    model, tok = tiny_model("llama", 4, seed=2), byte_tokenizer()
+    loaded = SimpleNamespace(model=model, tokenizer=tok, source=None)
+    settings = EvalSettings(tasks=("t_mc", "t_partial"), include_path=str(task_dir))
+    candidates = [(), (0,), (1,), (2,), (3,)]
+    reference = evaluate_removals(loaded, settings, candidates, engine="fast", progress=False)
+    cache = ResultCache(tmp_path / "results")
+    real_run = FastEngine.run
+    asked: list[list[tuple[int, ...]]] = []  # the candidates of every engine run
+    finished: list[tuple[int, ...]] = []
+    interrupt_after: list[int] = [2]
+
+    def run(self, requests, cands, *, on_done=None):
+        asked.append([tuple(c) for c in cands])
+
+        def done(i, answers):
+            on_done(i, answers)
+            finished.append(tuple(cands[i]))
+            if len(finished) == interrupt_after[0]:
+                raise KeyboardInterrupt
+
+        return real_run(self, requests, cands, on_done=done)
+
+    monkeypatch.setattr(FastEngine, "run", run)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_removals(loaded, settings, candidates, engine="fast", cache=cache, progress=False)
+    assert asked == [candidates] and finished == [(), (0,)]  # the trunk's candidate first
+    # Both tasks of the two finished candidates are on disk, nothing else.
+    assert len(list((tmp_path / "results").rglob("*.json"))) == 2 * 2
+    interrupt_after[0] = 0  # no more interruptions
+    asked.clear()
+    resumed = evaluate_removals(
+        loaded, settings, candidates, engine="fast", cache=cache, progress=False
+    )
+    assert asked == [[(1,), (2,), (3,)]]  # only the unfinished three
+    assert resumed == reference  # cached and fresh results are the uninterrupted numbers
+    asked.clear()
+    assert (
+        evaluate_removals(loaded, settings, candidates, engine="fast", cache=cache, progress=False)
+        == reference
+    )
+    assert asked == []  # everything cached now
+
+
+def test_engine_reports_each_candidate_once_with_its_final_answers():
+    """`on_done` fires once per listed candidate with the answers `run` returns, also when
+    documents are split into several chunks (a candidate is complete in the last one)."""
+    model = tiny_model("llama", 4, seed=0)
+    requests = _random_requests(random.Random(3), docs=6)
+    candidates = [(1,), (), (1, 2), (1,), (3,)]
+    for budget in (None, 2048):  # one chunk; many chunks
+        engine = FastEngine(model, state_budget=budget, row_tokens=32, batch_tokens=64)
+        reported: dict[int, list] = {}
+        got = engine.run(
+            requests, candidates, on_done=lambda i, a, seen=reported: seen.setdefault(i, list(a))
+        )
+        assert sorted(reported) == list(range(len(candidates)))
+        assert [reported[i] for i in range(len(candidates))] == got
 
 
 def _random_requests(rng: random.Random, docs: int = 5) -> list[Request]:

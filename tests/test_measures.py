@@ -181,7 +181,7 @@ class AdditiveEngine:
     def __init__(self) -> None:
         self.calls: list[list[tuple[int, ...]]] = []
 
-    def __call__(self, model, tokenizer, settings, candidates, progress=True):
+    def __call__(self, model, tokenizer, settings, candidates, progress=True, on_done=None):
         assert len(model.model.layers) == len(DROP)  # always the full model, original indices
         self.calls.append([tuple(c) for c in candidates])
         return [

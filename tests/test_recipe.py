@@ -328,6 +328,7 @@ def test_settings_keep_their_json_shape():
             "span": 1,
             "schedule": None,
             "rescore": None,
+            "adaptive": False,
             "variant": None,
         }
         for n, t in (("cosine", None), ("accuracy", ["local_arc_easy", "local_winogrande"]))
@@ -404,11 +405,13 @@ def test_a_bad_shard_size_fails_validation_naming_it(size, tmp_path):
     assert f"got '{size}'" in result.output and "Traceback" not in result.output
 
 
-def test_default_calibration_text_overlapping_a_report_task_warns():
+def test_default_calibration_text_overlapping_a_report_task_warns(tmp_path):
     lambada = GOOD + "evaluation: {tasks: [local_piqa, local_lambada]}\n"
     warned = parse_recipe(lambada, depth=30).warnings
     assert any("first LAMBADA passages" in w and "cosine" in w for w in warned)
-    own_text = parse_recipe(lambada + "calibration: {source: texts.txt}\n", depth=30)
+    texts = tmp_path / "texts.txt"  # a calibration file must exist (pre-flight check)
+    texts.write_text("some text of our own\n")
+    own_text = parse_recipe(lambada + f"calibration: {{source: {texts}}}\n", depth=30)
     assert not any("LAMBADA" in w for w in own_text.warnings)
     assert not any("LAMBADA" in w for w in parse_recipe(GOOD, depth=30).warnings)
 

@@ -178,7 +178,7 @@ class FakeEngine:
     def seen(self) -> list[tuple[int, ...]]:
         return [c for call in self.calls for c in call]
 
-    def __call__(self, model, tokenizer, settings, candidates, progress=True):
+    def __call__(self, model, tokenizer, settings, candidates, progress=True, on_done=None):
         if self.fail_after is not None and len(self.seen) >= self.fail_after:
             raise KeyboardInterrupt
         self.calls.append([tuple(c) for c in candidates])
@@ -244,7 +244,7 @@ class OutcomeEngine:
         self.calls: list[list[tuple[int, ...]]] = []
         self.limits: list[int] = []
 
-    def __call__(self, model, tokenizer, settings, candidates, progress=True):
+    def __call__(self, model, tokenizer, settings, candidates, progress=True, on_done=None):
         self.calls.append([tuple(c) for c in candidates])
         self.limits.append(settings.limit)
         docs = list(range(settings.limit))

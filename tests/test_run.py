@@ -154,6 +154,56 @@ def test_existing_output_is_refused_then_resumed_from_the_cache(
 
 
 @pytest.mark.slow
+def test_resume_rebuilds_the_variants_of_another_recipe_and_keeps_the_rest(recipe, tmp_path):
+    out = tmp_path / "out"
+    names = ("cosine", "accuracy")
+    variants = {name: out / "variants" / name for name in names}
+
+    def records() -> dict[str, dict]:
+        return {n: json.loads((f / "prune.json").read_text()) for n, f in variants.items()}
+
+    assert _run(recipe, "--out", out, "--limit", "5").exit_code == 0
+    first = records()
+    (fingerprint,) = {r["run_fingerprint"] for r in first.values()}  # one run, one fingerprint
+    assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+
+    # another evaluation limit: every variant is rebuilt, saying why, and describes this run
+    result = CliRunner().invoke(
+        cli, ["run", *map(str, (recipe, "--out", out, "--limit", 4, "--resume"))]
+    )
+    assert result.exit_code == 0, result.output
+    for name in names:
+        why = f"[{name}] rebuilding the variant: the recipe or prune's version changed"
+        assert why in result.output
+    second = records()
+    assert len({r["run_fingerprint"] for r in second.values()}) == 1
+    for name, folder in variants.items():
+        assert second[name]["run_fingerprint"] != first[name]["run_fingerprint"]
+        card = (folder / "README.md").read_text()
+        assert "first 4 documents per task" in card and "first 5 documents" not in card
+        assert (folder / "recipe.yaml").read_bytes() == recipe.read_bytes()
+    assert json.loads((out / "comparison.json").read_text())["evaluation"]["limit"] == 4
+
+    # the same settings (only a comment changed): the weights are kept, the small files rewritten
+    weights = {n: (f / "model.safetensors").stat() for n, f in variants.items()}
+    recipe.write_text(recipe.read_text().replace("# a tiny recipe", "# a tiny recipe, resumed"))
+    result = CliRunner().invoke(
+        cli, ["run", *map(str, (recipe, "--out", out, "--limit", 4, "--resume"))]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "rebuilding" not in result.output
+        and "[cosine] keeping the exported weights" in result.output
+    )
+    assert records() == second
+    for name, folder in variants.items():
+        now = (folder / "model.safetensors").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (weights[name].st_ino, weights[name].st_mtime_ns)
+        assert (folder / "recipe.yaml").read_text().startswith("# a tiny recipe, resumed\n")
+        assert "# a tiny recipe, resumed" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
 def test_interrupted_export_leaves_no_half_written_variant(recipe, tmp_path, monkeypatch):
     import prune.export
 

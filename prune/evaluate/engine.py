@@ -18,7 +18,9 @@ model gives:
   blocks every candidate removes) saves the state entering each block where some
   candidate starts to differ; a candidate then runs only the blocks after it.
   Saved states are bounded by a memory budget: beyond it, documents are handled
-  in chunks.
+  in chunks. Candidates run one after another within a chunk, so each is complete
+  as soon as its pass over the last chunk ends (`FastEngine.run`'s `on_done`
+  reports it then, which lets callers cache it before the others finish).
 - **Logits only where scored.** `logits_to_keep` (a boolean mask) applies the LM
   head, and any logit soft-capping of the model, only at continuation positions;
   the last block's feed-forward (position-wise) runs only there too.
@@ -40,7 +42,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -540,12 +542,33 @@ class FastEngine:
 
     # -- many candidates ----------------------------------------------------------
     def run(
-        self, requests: Sequence[Request], candidates: Sequence[Sequence[int]]
+        self,
+        requests: Sequence[Request],
+        candidates: Sequence[Sequence[int]],
+        *,
+        on_done: Callable[[int, list[Answer]], None] | None = None,
     ) -> list[list[Answer]]:
-        """(log-likelihood, is greedy) of every request under every candidate (removed block indices)."""
+        """(log-likelihood, is greedy) of every request under every candidate (removed block indices).
+
+        `on_done(i, answers)` is called as soon as candidate `i` has an answer for every
+        request: in the last chunk, the trunk's candidate right after the trunk pass (and
+        the self-check) and every other candidate right after its own pass, so a caller
+        can keep each result before the others are computed (an interrupted ranking then
+        resumes from there). A candidate listed twice is reported under both indices.
+        """
         L = len(self.blocks)
         normed = [tuple(normalize_indices(list(c), L)) if len(c) else () for c in candidates]
         unique = list(dict.fromkeys(normed))
+        reported: set[tuple[int, ...]] = set()
+
+        def report(cand: tuple[int, ...]) -> None:
+            if on_done is None or cand in reported:
+                return
+            reported.add(cand)
+            for i, c in enumerate(normed):
+                if c == cand:
+                    on_done(i, answers[cand])  # type: ignore[arg-type]
+
         trunk_removed = set.intersection(*(set(c) for c in unique)) if unique else set()
         trunk = [j for j in range(L) if j not in trunk_removed]
         starts = {c: min(set(c) - trunk_removed) for c in unique if set(c) != trunk_removed}
@@ -573,7 +596,8 @@ class FastEngine:
         bar = tqdm(total=total, desc="fast engine", unit="batch", disable=not self.progress)
         with torch.inference_mode(), contextlib.ExitStack() as stack:
             stack.callback(bar.close)
-            for planned in chunks:
+            for chunk_index, planned in enumerate(chunks):
+                last_chunk = chunk_index == len(chunks) - 1
                 windows = set(self.windows)
                 chunk = [
                     _make_batch(p, windows, self.float_mask, self.pad_id).to(self.device)
@@ -596,6 +620,8 @@ class FastEngine:
                 if not self.checked:
                     with layers_removed(self.model, trunk_removed):
                         self._self_check(chunk[0], requests, first)
+                if last_chunk and tuple(sorted(trunk_removed)) in answers:
+                    report(tuple(sorted(trunk_removed)))  # after the self-check vouched for it
                 for cand, start in starts.items():
                     removed = set(cand)
                     if not self.reuse_states:  # run the candidate from the embeddings
@@ -611,7 +637,11 @@ class FastEngine:
                                 answers[cand][rid] = ans
                             bar.update(1)
                     run.start = None
+                    if last_chunk:  # outside `_installed`: the model has its own blocks back
+                        report(cand)
                 del states, chunk
+        for cand in unique:  # no requests at all: nothing ran, every candidate is complete
+            report(cand)
         return [answers[c] for c in normed]  # type: ignore[misc]
 
 

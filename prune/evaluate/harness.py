@@ -13,7 +13,8 @@
   them, the engine computes (log-likelihood, is greedy) for every candidate, and
   the answers go back through lm-eval's filters, `process_results` and
   aggregation (a replaying LM), so acc, acc_norm and their standard errors come
-  from lm-eval's code. `evaluate_candidates` is the one-call form.
+  from lm-eval's code. `evaluate_candidates` is the one-call form; it hands each
+  candidate's scores to `on_done` as soon as the engine finishes that candidate.
 
 Private lm-eval API used here: `HFLM._encode_pair`; `lm_eval.evaluator`'s
 `add_env_info` / `get_git_commit_hash`, switched off while the fast engine drives
@@ -30,7 +31,7 @@ import io
 import logging
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -451,13 +452,22 @@ class FastEvaluator:
             requests[(group, key)] = Request(key, group, inputs, cont)
         return list(requests.values())
 
-    def answers(self, candidates: Sequence[Sequence[int]]) -> list[dict[Key, Answer]]:
-        """Per candidate: (context, continuation) -> (log-likelihood, is greedy)."""
-        per_candidate = self.engine.run(self.requests, candidates)
-        return [
-            {req.key: ans for req, ans in zip(self.requests, values, strict=True)}
-            for values in per_candidate
-        ]
+    def answers(
+        self,
+        candidates: Sequence[Sequence[int]],
+        on_done: Callable[[int, dict[Key, Answer]], None] | None = None,
+    ) -> list[dict[Key, Answer]]:
+        """Per candidate: (context, continuation) -> (log-likelihood, is greedy).
+
+        `on_done(i, answers)` is called as soon as candidate `i`'s answers are complete
+        (`FastEngine.run`), before the remaining candidates are computed.
+        """
+
+        def keyed(values: Sequence[Answer]) -> dict[Key, Answer]:
+            return {req.key: ans for req, ans in zip(self.requests, values, strict=True)}
+
+        report = None if on_done is None else (lambda i, values: on_done(i, keyed(values)))
+        return [keyed(v) for v in self.engine.run(self.requests, candidates, on_done=report)]
 
     def scores(
         self,
@@ -477,11 +487,25 @@ def evaluate_candidates(
     settings: EvalSettings,
     candidates: list[tuple[int, ...]],
     progress: bool = True,
+    on_done: Callable[[int, dict[str, TaskScore]], None] | None = None,
 ) -> list[dict[str, TaskScore]]:
     """Score the model with each candidate set of blocks removed (`()` = full model), like the
-    lm-eval path does, in one shared computation. Returns one task -> TaskScore dict per candidate."""
+    lm-eval path does, in one shared computation. Returns one task -> TaskScore dict per candidate.
+
+    `on_done(i, scores)` receives candidate `i`'s scores as soon as the engine has finished
+    it, while the other candidates are still to run (so a caller can cache each one and an
+    interrupted call loses only the candidates not yet finished).
+    """
     evaluator = FastEvaluator(model, tokenizer, settings, progress=progress and len(candidates) > 1)
-    return [evaluator.scores(a) for a in evaluator.answers(candidates)]
+    scores: dict[int, dict[str, TaskScore]] = {}
+
+    def finished(index: int, answers: dict[Key, Answer]) -> None:
+        scores[index] = evaluator.scores(answers)
+        if on_done is not None:
+            on_done(index, scores[index])
+
+    answers = evaluator.answers(candidates, on_done=finished)
+    return [scores[i] if i in scores else evaluator.scores(a) for i, a in enumerate(answers)]
 
 
 def close_calls(

@@ -9,7 +9,7 @@ are instant. Both take an engine name from `prune.defaults.ENGINES`:
   removing blocks in place with `prune.surgery.layers_removed`, one candidate at a
   time;
 - "fast": `prune.evaluate.harness.evaluate_candidates`, all candidates in one shared
-  computation with the same numbers;
+  computation with the same numbers, each candidate cached as soon as it is finished;
 - "auto": "fast", and "lm-eval" wherever the fast engine cannot serve the task or
   model (`with_fallback`).
 
@@ -82,14 +82,16 @@ def evaluate_removals(
     """Score the model with each candidate set of blocks removed; `()` is the full model.
 
     Indices refer to the model as it is now. With a `cache`, results already on
-    disk are reused and new ones are written as soon as they are known, so an
-    interrupted run resumes where it stopped. Returns one task -> TaskScore dict
-    per candidate, in order.
+    disk are reused and each candidate's new results are written as soon as that
+    candidate is finished (with either engine), so an interrupted run resumes with
+    the candidates it had not finished. Returns one task -> TaskScore dict per
+    candidate, in order.
 
     "lm-eval" removes and restores blocks in place, one candidate at a time (peak
     memory: one model), with a progress bar over candidates. Other engines get the
     uncached candidates in one call of `prune.evaluate.harness.evaluate_candidates` (which
-    shares work across them), or in calls of `chunk_size` candidates each.
+    shares work across them), or in calls of `chunk_size` candidates each; the engine
+    reports each candidate as it finishes (`on_done`), and it is cached then.
     """
     from tqdm.auto import tqdm
 
@@ -153,20 +155,30 @@ def evaluate_removals(
         evaluate_candidates = _fast_engine()
         size = chunk_size or len(todo)
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+
+        def keep(removed: tuple[int, ...], fresh: dict[str, TaskScore]) -> None:
+            fresh = {n: s for n, s in fresh.items() if n not in found[removed]}
+            store(removed, fresh)
+            found[removed].update(fresh)
+
         for chunk in tqdm(
             chunks,
             desc=f"evaluating removals ({engine})",
             unit="chunk",
             disable=not progress or len(chunks) < 2,
         ):
-            for removed, fresh in zip(
+            # Each candidate is cached the moment the engine finishes it (`on_done`); the
+            # returned list then only fills what an engine did not report that way.
+            results = evaluate_candidates(
+                model,
+                tokenizer,
+                settings,
                 chunk,
-                evaluate_candidates(model, tokenizer, settings, chunk, progress=progress),
-                strict=True,
-            ):
-                fresh = {n: s for n, s in fresh.items() if n not in found[removed]}
-                store(removed, fresh)
-                found[removed].update(fresh)
+                progress=progress,
+                on_done=lambda i, fresh, chunk=chunk: keep(chunk[i], fresh),
+            )
+            for removed, fresh in zip(chunk, results, strict=True):
+                keep(removed, fresh)
     # Task order as requested, whether a score came from the cache or not.
     return [{**{n: found[r][n] for n in names if n in found[r]}, **found[r]} for r in normed]
 

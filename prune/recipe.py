@@ -826,6 +826,10 @@ def parse_recipe(
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise RecipeError(source, [f"not valid YAML{where}: {problem}"]) from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise RecipeError(
+            source, ["not a usable recipe: nested too deeply (a recipe is a few levels deep)"]
+        ) from None
     if not isinstance(data, dict):
         raise RecipeError(source, [f"recipe: must be a mapping of settings, got {_describe(data)}"])
     settings, problems, dropped = _validate(data)

@@ -436,8 +436,18 @@ def _problems(text: str) -> list[str]:
             "model: smollm2-135m\nprune: {remove: 6}\nseed: 4294967296\n",
             "seed: must be between 0 and 4294967295 (2**32 - 1), got 4294967296",
         ),
+        (
+            "model: " + "[" * 5000 + "]" * 5000 + "\n",
+            "not a usable recipe: nested too deeply (a recipe is a few levels deep)",
+        ),
     ],
-    ids=["duplicate top-level key", "duplicate nested key", "negative seed", "seed too large"],
+    ids=[
+        "duplicate top-level key",
+        "duplicate nested key",
+        "negative seed",
+        "seed too large",
+        "nested thousands deep",
+    ],
 )
 def test_recipe_input_checks(text, problem):
     assert problem in _problems(text)

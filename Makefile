@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-adaptive study clean
+.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARG
 
 bench-adaptive: $(STAMP) ## adaptive sampling vs the exhaustive kl ranking: time, documents, same K blocks? (ADAPTIVE_ARGS="--limit 200 --keep 6")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_adaptive.py $(ADAPTIVE_ARGS)
+
+bench-streaming: $(STAMP) ## peak memory of a streaming prune drop on a random 1.2B bfloat16 checkpoint (STREAMING_ARGS="--drop 2")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_streaming_drop.py $(STREAMING_ARGS)
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

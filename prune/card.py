@@ -73,11 +73,12 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dict[str, Any]:
-    """The card's YAML metadata as a dict (model-index from the variant's final scores)."""
-    model = comparison["model"]
-    variant = comparison["strategies"][strategy]
-    evaluation = comparison["evaluation"]
+TAGS = ("pruned", "layer-pruning", "prune")
+
+
+def base_metadata(model: Mapping[str, Any], tags: Sequence[str] = ()) -> dict[str, Any]:
+    """The metadata every card `prune` writes starts with: `base_model` and `license` when
+    `model` (a source record: hub_id, license) knows them, then library, pipeline and tags."""
     meta: dict[str, Any] = {}
     if model.get("hub_id"):
         meta["base_model"] = model["hub_id"]
@@ -85,12 +86,20 @@ def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dic
         meta["license"] = model["license"]
     meta["library_name"] = "transformers"
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = [
-        "pruned",
-        "layer-pruning",
-        "prune",
-        f"{_measure_of(comparison, strategy)}-ranking",
-    ]
+    meta["tags"] = [*TAGS, *tags]
+    return meta
+
+
+def render_front_matter(meta: Mapping[str, Any]) -> str:
+    """`meta` as a card's YAML front matter block, `---` lines included."""
+    return "---\n" + yaml.safe_dump(dict(meta), sort_keys=False, allow_unicode=True) + "---"
+
+
+def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dict[str, Any]:
+    """The card's YAML metadata as a dict (model-index from the variant's final scores)."""
+    variant = comparison["strategies"][strategy]
+    evaluation = comparison["evaluation"]
+    meta = base_metadata(comparison["model"], [f"{_measure_of(comparison, strategy)}-ranking"])
     results = []
     for task, value in variant["final"]["scores"].items():
         metric = evaluation.get("metrics", {}).get(task, "acc")
@@ -419,9 +428,7 @@ def render_card(
     )
     final = variant["final"]
     out = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
+        render_front_matter(meta),
         "",
         f"# {name.split('/')[-1]}",
         "",

@@ -30,6 +30,7 @@ from prune.defaults import (
     DTYPES,
     ENGINES,
     EVAL_BATCH_SIZE,
+    EXPORT_DTYPES,
 )
 from prune.errors import FastEngineUnsupported, PruneError
 
@@ -231,6 +232,11 @@ def info(verbosity: Verbosity, model: str, dtype: str, device: str, as_json: boo
         + (" (all equal)" if len(set(per_block)) == 1 else f" .. {max(per_block):,}")
     )
     click.echo(f"dtype/device:  {summary['dtype']} on {summary['device']}")
+    click.echo(
+        f"tokenizer:     {summary['tokenizer']}"
+        if summary["tokenizer"]
+        else "tokenizer:     none (weights only: drop works; rank, compare and run need one)"
+    )
 
 
 @cli.command()
@@ -252,6 +258,13 @@ def info(verbosity: Verbosity, model: str, dtype: str, device: str, as_json: boo
     help="Shard safetensors above this size, e.g. 500MB, 1.5GB or a number of bytes.",
 )
 @dtype_option
+@click.option(
+    "--export-dtype",
+    type=click.Choice(("auto", *EXPORT_DTYPES)),
+    default="auto",
+    show_default=True,
+    help="Dtype of the written weights; auto = --dtype when given, else the source's.",
+)
 @device_option
 @pass_verbosity
 @handle_errors
@@ -263,9 +276,14 @@ def drop(
     overwrite: bool,
     max_shard_size: str,
     dtype: str,
+    export_dtype: str,
     device: str,
 ) -> None:
-    """Remove the given layers from MODEL and write a loadable checkpoint to --out."""
+    """Remove the given layers from MODEL and write a loadable checkpoint to --out.
+
+    A local folder (or .gguf file) with safetensors weights is pruned on disk, one tensor
+    at a time, in the source's dtype: memory stays near one --max-shard-size shard.
+    """
     from prune.export import drop_and_export
     from prune.sizes import ACCEPTED, parse_size
     from prune.surgery import parse_layer_list
@@ -282,6 +300,7 @@ def drop(
         parse_layer_list(layers),
         out,
         dtype=dtype,
+        export_dtype=export_dtype,
         device=device,
         overwrite=overwrite,
         max_shard_size=shard_bytes,
@@ -424,9 +443,11 @@ def push(
     Example:
       prune push out/variants/accuracy --repo-id you/smollm2-135m-pruned
     """
-    from prune.hub import push_folder
+    from prune.hub import push_folder, push_warnings
 
     _configure_libraries(verbosity)
+    for warning in push_warnings(folder):
+        click.echo(f"Warning: {warning}", err=True)
     result = push_folder(
         folder,
         repo_id,

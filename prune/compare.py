@@ -229,7 +229,9 @@ def measure_model(
         samples=samples,
         use_cache=use_cache,
     )
-    loaded = load_model(model, dtype=dtype, device=device)
+    # Every measure reads text (calibration or tasks): a weight-only folder fails here, in one line.
+    purpose = f"ranking layers by {', '.join(m.name for m in chosen)}"
+    loaded = load_model(model, dtype=dtype, device=device, tokenizer_for=purpose)
     report = compare_measures(
         loaded,
         settings,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `prune drop --export-dtype` may convert floating-point weights to (auto keeps the source's).
+EXPORT_DTYPES = DTYPES[1:]
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # auto = the fast engine, falling back to lm-eval where it cannot serve a task or model.
 ENGINES = ("auto", "fast", "lm-eval")

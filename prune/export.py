@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,13 +35,17 @@ from prune import __version__
 from prune.atomic import atomic_folder, sweep_temporaries, write_error
 from prune.defaults import DEFAULT_SHARD_SIZE
 from prune.errors import PruneError
-from prune.models import LoadedModel, pruned_record
+from prune.models import LoadedModel, ModelSource, pruned_record
 from prune.sizes import parse_size
 from prune.surgery import count_layers, locate_layers
 
 PRUNE_JSON = "prune.json"
 
 log = logging.getLogger(__name__)
+
+# Extra files of an export: a mapping, or a function of the prune.json record giving one
+# (the card of a drop describes the record).
+ExtraFiles = Mapping[str, str | bytes] | Callable[[Mapping[str, Any]], Mapping[str, str | bytes]]
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
@@ -103,31 +107,49 @@ def prune_record(
     loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None
 ) -> dict[str, Any]:
     """The provenance written to prune.json (see the module docstring for the chain fields)."""
+    return build_record(
+        loaded.source,
+        removed,
+        layers_before,
+        count_layers(loaded.model),
+        locate_layers(loaded.model).path,
+        extra,
+    )
+
+
+def build_record(
+    source: ModelSource,
+    removed: list[int],
+    layers_before: int,
+    layers_after: int,
+    layer_path: str,
+    extra: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """prune.json from the source's description alone (no model needed: the streaming export)."""
     record: dict[str, Any] = {
         "prune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": loaded.source.to_dict(),
+        "source": source.to_dict(),
         "removed_layers": list(removed),
         "num_layers_before": layers_before,
-        "num_layers_after": count_layers(loaded.model),
-        "layer_path": locate_layers(loaded.model).path,
-        **_chain(loaded, removed, layers_before),
+        "num_layers_after": layers_after,
+        "layer_path": layer_path,
+        **_chain(source, removed, layers_before),
     }
     if extra:
         record.update(extra)
     return record
 
 
-def _chain(loaded: LoadedModel, removed: list[int], layers_before: int) -> dict[str, Any]:
+def _chain(source: ModelSource, removed: list[int], layers_before: int) -> dict[str, Any]:
     """The chain fields of prune.json: this prune alone, or continuing the one that wrote the
     source folder's prune.json (its kept blocks, in original numbering, are this model's)."""
     first = {
         "removed_layers_original": sorted(removed),
         "num_layers_original": layers_before,
-        "original_source": loaded.source.to_dict(),
+        "original_source": source.to_dict(),
         "chain": [],
     }
-    source = loaded.source
     earlier = pruned_record(Path(source.path)) if source.kind == "local" and source.path else None
     if earlier is None:
         return first
@@ -170,7 +192,7 @@ def export_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     extra: Mapping[str, Any] | None = None,
-    files: Mapping[str, str | bytes] | None = None,
+    files: ExtraFiles | None = None,
 ) -> Path:
     """Save the (already pruned) model in `loaded` to `out`; returns the folder.
 
@@ -202,15 +224,26 @@ def _write_checkpoint(
     layers_before: int,
     shard_bytes: int,
     extra: Mapping[str, Any] | None,
-    files: Mapping[str, str | bytes] | None,
+    files: ExtraFiles | None,
 ) -> None:
     """Write every file of the checkpoint into `folder` (a private temporary one)."""
-    record = prune_record(loaded, removed, layers_before, extra)
+    dtype = str(loaded.model.dtype).removeprefix("torch.")
+    record = prune_record(loaded, removed, layers_before, {"export_dtype": dtype, **(extra or {})})
     with _safetensors_metadata(_tensor_metadata(record)):
         loaded.model.save_pretrained(folder, max_shard_size=shard_bytes)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     _write_record(folder, record)
+    write_files(folder, files, record)
+
+
+def write_files(
+    folder: Path, files: ExtraFiles | None, record: Mapping[str, Any] | None = None
+) -> None:
+    """Write the extra files (README.md, a mergekit config, ...) into `folder`; a callable
+    `files` is called with the prune.json `record` first."""
+    if callable(files):
+        files = files(record or {})
     for name, content in (files or {}).items():
         target = folder / name
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -226,21 +259,59 @@ def drop_and_export(
     out: Path,
     *,
     dtype: str = "auto",
+    export_dtype: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    files: ExtraFiles | None = None,
 ) -> dict[str, Any]:
-    """`prune drop`: load, remove `layers`, export; returns the prune.json record."""
-    from prune.models import load_model
+    """`prune drop`: remove `layers` and export; returns the prune.json record. `files`
+    defaults to the drop's model card and mergekit config (`prune.drop_card.drop_files`).
+
+    A local folder (or a GGUF file's cached conversion) with safetensors weights is pruned
+    on disk, tensor by tensor (`prune.streaming`); anything else is loaded, pruned in memory
+    and exported. The export dtype is `export_dtype`, else an explicit `dtype` (drop computes
+    nothing: its `--dtype` has always been the saved dtype), else the source checkpoint's.
+    """
+    from prune.drop_card import drop_files
+    from prune.models import load_model, pick_device
+    from prune.streaming import source_dtype, stream_drop_source
+
+    if files is None:
+        files = drop_files
     from prune.surgery import drop_layers
 
     out = Path(out)
     check_output_dir(out, overwrite)  # before the (slow) load
     parse_size(max_shard_size)
+    pick_device(device)  # an unusable --device is refused even when nothing is loaded
+    wanted = export_dtype if export_dtype != "auto" else dtype
+    record = stream_drop_source(
+        spec,
+        layers,
+        out,
+        export_dtype=None if wanted == "auto" else wanted,
+        max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        files=files,
+    )
+    if record is not None:
+        return record
     loaded = load_model(spec, dtype=dtype, device=device)
     before = count_layers(loaded.model)
     removal = drop_layers(loaded.model, layers)
+    target = wanted if wanted != "auto" else source_dtype(loaded)
+    if target is not None:
+        import torch
+
+        loaded.model.to(getattr(torch, target))  # floating tensors only
     export_checkpoint(
-        loaded, out, removal.removed, before, overwrite=overwrite, max_shard_size=max_shard_size
+        loaded,
+        out,
+        removal.removed,
+        before,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
+        files=files,
     )
     return json.loads((out / PRUNE_JSON).read_text())

@@ -2,7 +2,8 @@
 
 `check_pushable` refuses a folder that would not load (config and safetensors
 present and consistent with each other, README.md metadata parseable) before
-any request is made, so a broken model is never published. `push_folder` then
+any request is made, so a broken model is never published; a folder without a
+README.md is pushed with a warning (`push_warnings`). `push_folder` then
 uses the real `huggingface_hub` client: `create_repo(exist_ok=True)`, a new
 branch when `revision` names one, and `upload_folder`, which skips unchanged
 files and never makes an empty commit. Weight files left on the remote by an
@@ -96,6 +97,18 @@ def check_pushable(folder: str | Path) -> None:
     _check_against_config(folder, config, tensors)
     if (folder / README).exists():
         check_card(folder / README)
+
+
+def push_warnings(folder: str | Path) -> list[str]:
+    """What is worth a warning (not a refusal) before pushing `folder`: no README.md means
+    a Hub repo with an empty model card, without base model or license."""
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / README).exists():
+        return [
+            f"'{folder}' has no README.md: the Hub repo will have an empty model card (no "
+            "base model, no license); folders written by `prune drop` and `prune run` have one"
+        ]
+    return []
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

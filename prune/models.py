@@ -11,6 +11,11 @@ unexpected or wrongly shaped tensors, a layer count that disagrees with the
 weights) or whose safetensors files are damaged is refused with one PruneError
 naming the tensors and the file, so no partly random model is ever pruned. A
 damaged cached GGUF conversion is deleted and converted again, once.
+
+The tokenizer is optional: a weight-only folder (a plain `model.save_pretrained`)
+loads with `tokenizer=None`, so `prune info` and `prune drop` work on it. What reads
+text (ranking, evaluation, calibration) asks for one through `require_tokenizer`,
+which fails with one PruneError saying how to add the tokenizer files.
 """
 
 from __future__ import annotations
@@ -62,12 +67,71 @@ class ModelSource:
 
 @dataclass
 class LoadedModel:
-    """A model ready for ranking and surgery, with its tokenizer and provenance."""
+    """A model ready for ranking and surgery, with its tokenizer (None for a weight-only
+    checkpoint, see `require_tokenizer`) and provenance."""
 
     model: Any
     tokenizer: Any
     source: ModelSource
     checkpoint_dir: Path | None  # a folder loadable with from_pretrained (for tokenizer files etc.)
+    # Why `tokenizer` is None ("no tokenizer files", or the loading error), for error messages.
+    tokenizer_problem: str | None = None
+
+
+# Files a tokenizer is loaded from; a folder with none of them holds weights only.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+NO_TOKENIZER_FILES = "no tokenizer files in the folder"
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether the checkpoint folder holds any file a tokenizer is loaded from."""
+    folder = Path(folder)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES) or any(
+        folder.glob("*.tiktoken")
+    )
+
+
+def require_tokenizer(loaded: LoadedModel, purpose: str) -> Any:
+    """The tokenizer of `loaded`, or one PruneError when it has none (a weight-only folder).
+
+    `purpose` says what needs it ("ranking layers", "evaluating"); the message says how
+    to add the tokenizer files. Every entry point that reads text calls this first.
+    """
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    raise _no_tokenizer_error(
+        loaded.source.spec,
+        loaded.checkpoint_dir,
+        purpose,
+        loaded.tokenizer_problem or NO_TOKENIZER_FILES,
+        base=loaded.source.hub_id,
+    )
+
+
+def _no_tokenizer_error(
+    spec: str, folder: Path | None, purpose: str, problem: str, base: str | None = None
+) -> PruneError:
+    """The one-line error for a model without a usable tokenizer."""
+    if folder is not None:
+        fix = (
+            f"copy the tokenizer files (tokenizer.json, tokenizer_config.json, ...) of the model "
+            f"it was saved from into {folder}, e.g. `AutoTokenizer.from_pretrained("
+            f'"{base or "BASE_MODEL"}").save_pretrained("{folder}")`'
+        )
+    else:
+        fix = "use a checkpoint that includes its tokenizer files"
+    return PruneError(
+        f"model '{spec}' has no usable tokenizer ({problem}); {purpose} needs one: {fix}"
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -448,9 +512,34 @@ def check_loading_info(model: Any, info: dict[str, Any], spec: str, checkpoint: 
     )
 
 
-def _load_checkpoint(checkpoint: str, spec: str, torch_dtype: torch.dtype) -> tuple[Any, Any]:
-    """from_pretrained the model (strictly, see `check_loading_info`) and the tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_tokenizer(checkpoint: str) -> tuple[Any, str | None]:
+    """(tokenizer, None), or (None, why) for a checkpoint without a usable tokenizer.
+
+    A folder without tokenizer files is not even tried: transformers would build an empty
+    tokenizer for some architectures (GPT-2, Qwen2: every text encodes to nothing) and fail
+    for others ("Couldn't instantiate the backend tokenizer"). A tokenizer that fails to
+    load, or that knows only special tokens, counts as missing too.
+    """
+    from transformers import AutoTokenizer
+
+    if Path(checkpoint).is_dir() and not has_tokenizer_files(Path(checkpoint)):
+        return None, NO_TOKENIZER_FILES
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except Exception as exc:  # OSError, ValueError, ImportError...: any means no tokenizer
+        log.warning("cannot load the tokenizer of %s: %s", checkpoint, _first_line(exc))
+        return None, f"the tokenizer does not load: {_first_line(exc)}"
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        return None, "the tokenizer has an empty vocabulary"
+    return tokenizer, None
+
+
+def _load_checkpoint(
+    checkpoint: str, spec: str, torch_dtype: torch.dtype
+) -> tuple[Any, Any, str | None]:
+    """from_pretrained the model (strictly, see `check_loading_info`) and the tokenizer;
+    returns (model, tokenizer or None, why there is none)."""
+    from transformers import AutoModelForCausalLM
 
     try:
         # Mismatched shapes are then reported in the loading info (not as a bare RuntimeError).
@@ -458,7 +547,6 @@ def _load_checkpoint(checkpoint: str, spec: str, torch_dtype: torch.dtype) -> tu
             checkpoint, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True
         )
         check_loading_info(model, info, spec, checkpoint)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except OSError as exc:
         raise PruneError(f"cannot load model '{spec}': {_first_line(exc)}") from exc
     except (ValueError, StrictDataclassError) as exc:
@@ -475,19 +563,47 @@ def _load_checkpoint(checkpoint: str, spec: str, torch_dtype: torch.dtype) -> tu
         raise PruneError(
             f"cannot load model '{spec}': weights file {file} is damaged or truncated ({reason})"
         ) from exc
-    return model, tokenizer
+    return model, *_load_tokenizer(checkpoint)
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "auto") -> LoadedModel:
-    """Load a model for pruning; the only entry point every command uses."""
+def _load_conversion(
+    checkpoint: Path, spec: str, torch_dtype: torch.dtype
+) -> tuple[Any, Any, str | None]:
+    """`_load_checkpoint` for a cached GGUF conversion, which always holds a tokenizer: one
+    that does not load means the cached copy is damaged (PruneError, so it is converted again)."""
+    model, tokenizer, problem = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+    if tokenizer is None:
+        raise PruneError(
+            f"cannot load model '{spec}': the cached conversion has no usable tokenizer ({problem})"
+        )
+    return model, tokenizer, problem
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str = "auto",
+    device: str = "auto",
+    *,
+    tokenizer_for: str | None = None,
+) -> LoadedModel:
+    """Load a model for pruning; the only entry point every command uses.
+
+    The tokenizer is None for a weight-only checkpoint. `tokenizer_for` (what needs one,
+    e.g. "ranking layers") makes a missing tokenizer an error (`require_tokenizer`),
+    raised before the weights load when a local folder has no tokenizer files at all.
+    """
     source = resolve_source(spec)
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
+    if tokenizer_for and source.kind == "local" and not has_tokenizer_files(Path(source.path)):
+        raise _no_tokenizer_error(
+            spec, Path(source.path), tokenizer_for, NO_TOKENIZER_FILES, base=source.hub_id
+        )
     if source.kind in ("embedded", "gguf"):
         gguf = Path(source.path)
         checkpoint = gguf_checkpoint(gguf, source.sha256)
         try:
-            model, tokenizer = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+            model, tokenizer, problem = _load_conversion(checkpoint, spec, torch_dtype)
         except PruneError as exc:
             # The conversion loaded once, so a cached copy that does not load is damaged.
             log.warning(
@@ -495,20 +611,23 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
             )
             checkpoint = gguf_checkpoint(gguf, source.sha256, refresh=True)
             try:
-                model, tokenizer = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+                model, tokenizer, problem = _load_conversion(checkpoint, spec, torch_dtype)
             except PruneError as again:
                 raise PruneError(
                     f"{again} (delete the cached conversion at {checkpoint} and re-run)"
                 ) from again
     else:
         checkpoint = source.path or spec
-        model, tokenizer = _load_checkpoint(checkpoint, spec, torch_dtype)
+        model, tokenizer, problem = _load_checkpoint(checkpoint, spec, torch_dtype)
     if source.kind == "hub":
         revision = getattr(model.config, "_commit_hash", None)
         source = ModelSource(spec, "hub", None, spec, revision, None)
     model.to(torch_device)
     model.eval()
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+    if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     ckpt_dir = Path(checkpoint) if Path(checkpoint).is_dir() else None
-    return LoadedModel(model, tokenizer, source, ckpt_dir)
+    loaded = LoadedModel(model, tokenizer, source, ckpt_dir, problem)
+    if tokenizer_for:
+        require_tokenizer(loaded, tokenizer_for)
+    return loaded

@@ -246,7 +246,12 @@ def prepare(run: Run) -> None:
     resolve_task_names(names, task_manager(run.recipe.data_dir, None, names))
 
     run.echo(f"loading {run.recipe.model}")
-    run.loaded = load_model(run.recipe.model, dtype=run.recipe.dtype, device=run.recipe.device)
+    run.loaded = load_model(
+        run.recipe.model,
+        dtype=run.recipe.dtype,
+        device=run.recipe.device,
+        tokenizer_for="prune run",
+    )
     run.depth = count_layers(run.loaded.model)
     check_depth(run.recipe, run.depth)
     # An old comparison would describe a finished run; it is written again at the end.
@@ -340,6 +345,7 @@ def remove(run: Run) -> None:
 def export(run: Run) -> None:
     """Build the comparison record, then write one checkpoint per strategy with its card."""
     from prune.card import render_card
+    from prune.drop_card import mergekit_config
     from prune.export import export_checkpoint
     from prune.layer_report import build_report, ranking_stability
     from prune.plot import plot_relevance, plot_tradeoff
@@ -400,6 +406,9 @@ def export(run: Run) -> None:
             "README.md": card,
             "recipe.yaml": recipe_text,
             "tradeoff.png": run.tradeoff,
+            "mergekit.yaml": mergekit_config(
+                run.loaded.source.to_dict(), removed, run.depth, run.loaded.model.dtype
+            ),
         }
         if run.figure:
             files["relevance.png"] = run.figure

@@ -37,4 +37,6 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
         "parameters_per_block": per_block,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "device": str(next(model.parameters()).device),
+        # None for a weight-only checkpoint (drop works; rank, compare and run need one).
+        "tokenizer": type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None,
     }

@@ -382,3 +382,18 @@ def test_push_many_checks_everything_first(hub, pruned_dir, tmp_path):
     )
     assert [r.repo_url for r in results] == [f"{hub.url}/{USER}/a", f"{hub.url}/{USER}/b"]
     assert all(r.created_commit for r in results)
+
+
+def test_folder_without_card_warns_and_still_pushes(hub, pruned_dir, tmp_path):
+    folder = copy_of(pruned_dir, tmp_path)
+    (folder / "README.md").unlink()
+    result = push(hub, folder)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings) == 1 and "no README.md" in warnings[0], result.stderr
+    assert "Warning" not in result.stdout
+    assert "README.md" not in hub.files(REPO)
+    assert "model.safetensors" in hub.files(REPO)  # pushed all the same
+
+    with_card = push(hub, pruned_dir)
+    assert with_card.exit_code == 0 and "Warning" not in with_card.stderr, with_card.output

@@ -44,7 +44,7 @@ bench: $(STAMP) ## accuracy-drop ranking, lm-eval path vs fast engine (BENCH_ARG
 bench-adaptive: $(STAMP) ## adaptive sampling vs the exhaustive kl ranking: time, documents, same K blocks? (ADAPTIVE_ARGS="--limit 200 --keep 6")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_adaptive.py $(ADAPTIVE_ARGS)
 
-bench-streaming: $(STAMP) ## peak memory of a streaming prune drop on a random 1.2B bfloat16 checkpoint (STREAMING_ARGS="--drop 2")
+bench-streaming: $(STAMP) ## peak memory of a streaming prune drop on a random 1.2B bfloat16 checkpoint (STREAMING_ARGS="--max-shard-size 500MB")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_streaming_drop.py $(STREAMING_ARGS)
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")

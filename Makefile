@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming study clean
+.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming bench-gpu study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,13 @@ bench-adaptive: $(STAMP) ## adaptive sampling vs the exhaustive kl ranking: time
 
 bench-streaming: $(STAMP) ## peak memory of a streaming prune drop on a random 1.2B bfloat16 checkpoint (STREAMING_ARGS="--max-shard-size 500MB")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_streaming_drop.py $(STREAMING_ARGS)
+
+bench-gpu: $(STAMP) ## rank the 32 blocks of a random Llama-3.1-8B-shaped bf16 model on a GPU: time, tokens/s, fraction of peak (GPU_ARGS="--tiny --limit 4" on CPU; NPROC=N for torchrun)
+ifdef NPROC
+	HF_HUB_OFFLINE=1 $(BIN)/torchrun --nproc-per-node $(NPROC) benchmarks/bench_gpu.py $(GPU_ARGS)
+else
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gpu.py $(GPU_ARGS)
+endif
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

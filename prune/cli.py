@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from prune.defaults import (
     DEFAULT_MODEL,
     DEFAULT_SHARD_SIZE,
     DEFAULT_STRATEGIES,
+    DEVICE_MAPS,
     DEVICES,
     DTYPES,
     ENGINES,
@@ -178,6 +180,27 @@ device_option = click.option(
     envvar="PRUNE_DEVICE",
     help="Where to run the model.",
 )
+device_map_option = click.option(
+    "--device-map",
+    type=click.Choice(DEVICE_MAPS),
+    default=None,
+    help="Spread a model too large for one device over the GPUs, then CPU memory, then disk "
+    "(accelerate); replaces --device.",
+)
+max_memory_option = click.option(
+    "--max-memory",
+    default=None,
+    metavar="DEVICE=SIZE,...",
+    help="Memory each device may hold under --device-map, e.g. 0=20GiB,1=20GiB,cpu=64GiB "
+    "(alone: --device-map auto).",
+)
+
+
+def _max_memory(text: str | None) -> dict | None:
+    """`--max-memory` parsed (before any model loads), or None; a bad value is one Error line."""
+    from prune.sizes import parse_max_memory
+
+    return None if text is None else parse_max_memory(text, "--max-memory")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,7 +219,10 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
       prune info smollm2-135m
       prune drop smollm2-135m --layers 20,21 --out pruned/
     """
-    ctx.obj = Verbosity(verbose, quiet)
+    from prune.distributed import is_main
+
+    # Under torchrun the processes other than 0 show nothing but errors (see `main`).
+    ctx.obj = Verbosity(verbose, quiet or not is_main())
     _setup_logging(ctx.obj)
 
 
@@ -204,16 +230,29 @@ def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
 @model_argument
 @dtype_option
 @device_option
+@device_map_option
+@max_memory_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @pass_verbosity
 @handle_errors
-def info(verbosity: Verbosity, model: str, dtype: str, device: str, as_json: bool) -> None:
+def info(
+    verbosity: Verbosity,
+    model: str,
+    dtype: str,
+    device: str,
+    device_map: str | None,
+    max_memory: str | None,
+    as_json: bool,
+) -> None:
     """Show architecture, layer count, parameter counts and where the blocks live."""
     from prune.models import load_model
     from prune.summary import describe_model
 
+    memory = _max_memory(max_memory)
     _configure_libraries(verbosity)
-    summary = describe_model(load_model(model, dtype=dtype, device=device))
+    summary = describe_model(
+        load_model(model, dtype=dtype, device=device, device_map=device_map, max_memory=memory)
+    )
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -266,6 +305,8 @@ def info(verbosity: Verbosity, model: str, dtype: str, device: str, as_json: boo
     help="Dtype of the written weights; auto = --dtype when given, else the source's.",
 )
 @device_option
+@device_map_option
+@max_memory_option
 @pass_verbosity
 @handle_errors
 def drop(
@@ -278,13 +319,15 @@ def drop(
     dtype: str,
     export_dtype: str,
     device: str,
+    device_map: str | None,
+    max_memory: str | None,
 ) -> None:
     """Remove the given layers from MODEL and write a loadable checkpoint to --out.
 
     A local folder (or .gguf file) with safetensors weights is pruned on disk, one tensor
     at a time, in the source's dtype: memory stays near one --max-shard-size shard.
     """
-    from prune.export import drop_and_export
+    from prune.drop import drop_and_export
     from prune.sizes import ACCEPTED, parse_size
     from prune.surgery import parse_layer_list
 
@@ -294,6 +337,7 @@ def drop(
         raise PruneError(
             f"bad --max-shard-size value {max_shard_size!r} (accepted: {ACCEPTED})"
         ) from None
+    memory = _max_memory(max_memory)
     _configure_libraries(verbosity)
     record = drop_and_export(
         model,
@@ -302,6 +346,8 @@ def drop(
         dtype=dtype,
         export_dtype=export_dtype,
         device=device,
+        device_map=device_map,
+        max_memory=memory,
         overwrite=overwrite,
         max_shard_size=shard_bytes,
     )
@@ -342,6 +388,8 @@ def validate(recipe: Path) -> None:
     envvar="PRUNE_DEVICE",
     help="Overrides the recipe's device.",
 )
+@device_map_option
+@max_memory_option
 @click.option(
     "--push/--no-push", default=None, help="Push the variants to the Hub (overrides push.enabled)."
 )
@@ -359,6 +407,8 @@ def run(
     out: Path | None,
     limit: int | None,
     device: str | None,
+    device_map: str | None,
+    max_memory: str | None,
     push: bool | None,
     overwrite: bool,
     resume: bool,
@@ -373,12 +423,15 @@ def run(
     from prune.pipeline import run_recipe
     from prune.report import format_table, headline_rows
 
+    memory = _max_memory(max_memory)
     _configure_libraries(verbosity, datasets=True)
     result = run_recipe(
         recipe,
         out=out,
         limit=limit,
         device=device,
+        device_map=device_map,
+        max_memory=memory,
         push=push,
         overwrite=overwrite,
         resume=resume,
@@ -567,6 +620,8 @@ def relevance_options(func):
         click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout."),
         dtype_option,
         device_option,
+        device_map_option,
+        max_memory_option,
     ]
     for option in reversed(options):
         func = option(func)
@@ -592,8 +647,10 @@ def _relevance_kwargs(kw: dict, verbosity: Verbosity) -> dict:
         "adaptive",
         "dtype",
         "device",
+        "device_map",
     )
     out = {k: kw[k] for k in keys}
+    out["max_memory"] = _max_memory(kw["max_memory"])
     out["use_cache"] = not kw["no_cache"]
     out["progress"] = verbosity.progress
     return out
@@ -681,7 +738,23 @@ def compare(
 def main() -> None:
     """The `prune` entry point: SIGTERM (e.g. from a job scheduler) is handled like Ctrl-C."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _join_processes()
     cli(prog_name="prune")
+
+
+def _join_processes() -> None:
+    """Under torchrun: join the process group before any model is loaded (each process on its
+    own GPU); the processes other than 0 print nothing on stdout (process 0 prints the result).
+    """
+    from prune import distributed
+
+    try:
+        if not distributed.init() or distributed.is_main():
+            return
+    except PruneError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 if __name__ == "__main__":

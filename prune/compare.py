@@ -23,6 +23,7 @@ from prune.defaults import (
     DEFAULT_STRATEGIES,
     EVAL_BATCH_SIZE,
 )
+from prune.distributed import is_main
 from prune.errors import PruneError
 from prune.layer_report import build_report, render_table
 from prune.measures import (
@@ -88,6 +89,13 @@ def compare_measures(
     return build_report(model_name, rankings, timings)
 
 
+def report_paths(out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Where `write_report` puts report.json ("json"), table.md ("table") and relevance.png
+    ("figure")."""
+    out = Path(out_dir)
+    return {"json": out / "report.json", "table": out / "table.md", "figure": out / "relevance.png"}
+
+
 def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, table.md and relevance.png into `out_dir` (each atomically)."""
     from prune.atomic import write_file
@@ -96,11 +104,7 @@ def write_report(report: dict[str, Any], out_dir: str | os.PathLike) -> dict[str
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PruneError(f"--out '{out}' exists and is not a folder")
-    paths = {
-        "json": out / "report.json",
-        "table": out / "table.md",
-        "figure": out / "relevance.png",
-    }
+    paths = report_paths(out)
     write_file(paths["json"], json.dumps(report, indent=2) + "\n")
     write_file(paths["table"], render_table(report))
     write_file(paths["figure"], plot_relevance(report))
@@ -206,10 +210,13 @@ def measure_model(
     device: str = "auto",
     progress: bool = True,
     adaptive: int | None = None,
+    device_map: str | None = None,
+    max_memory: Any = None,
 ) -> dict[str, Any]:
     """Check the options (before any model is loaded), load MODEL and run `measures` on it.
 
-    `batch_size` serves both the task evaluation and the calibration passes. Returns
+    `batch_size` serves both the task evaluation and the calibration passes; `device_map`
+    and `max_memory` spread a large model over devices (`prune.models.load_model`). Returns
     the report dict that `rank` prints and `compare` writes.
     """
     from prune.models import load_model
@@ -231,7 +238,14 @@ def measure_model(
     )
     # Every measure reads text (calibration or tasks): a weight-only folder fails here, in one line.
     purpose = f"ranking layers by {', '.join(m.name for m in chosen)}"
-    loaded = load_model(model, dtype=dtype, device=device, tokenizer_for=purpose)
+    loaded = load_model(
+        model,
+        dtype=dtype,
+        device=device,
+        tokenizer_for=purpose,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     report = compare_measures(
         loaded,
         settings,
@@ -264,6 +278,8 @@ def compare_model(
     if out.exists() and not out.is_dir():
         raise PruneError(f"--out '{out}' exists and is not a folder")
     report = measure_model(model, measures, **options)
+    if not is_main():  # under torchrun process 0 alone writes; the others only shared the work
+        return report, report_paths(out)
     return report, write_report(report, out)
 
 

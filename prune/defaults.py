@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 # What `prune drop --export-dtype` may convert floating-point weights to (auto keeps the source's).
 EXPORT_DTYPES = DTYPES[1:]
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# accelerate's big-model placements (`--device-map`): blocks spread over GPUs, then CPU, then disk.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 # auto = the fast engine, falling back to lm-eval where it cannot serve a task or model.
 ENGINES = ("auto", "fast", "lm-eval")
 SCHEDULES = ("one-shot", "iterative")

@@ -16,6 +16,11 @@ The tokenizer is optional: a weight-only folder (a plain `model.save_pretrained`
 loads with `tokenizer=None`, so `prune info` and `prune drop` work on it. What reads
 text (ranking, evaluation, calibration) asks for one through `require_tokenizer`,
 which fails with one PruneError saying how to add the tokenizer files.
+
+A model larger than one device loads through accelerate's big-model support
+(`device_map`, `max_memory`): blocks spread over the GPUs, then CPU memory, then the
+disk, with hooks moving activations between them. `input_device` says where such a
+model's inputs go.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +40,9 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 
 from prune.atomic import atomic_folder, atomic_path
-from prune.defaults import DEFAULT_MODEL, DEVICES, DTYPES, EMBEDDED, cache_root
+from prune.defaults import DEFAULT_MODEL, DEVICE_MAPS, DEVICES, DTYPES, EMBEDDED, cache_root
 from prune.errors import PruneError
+from prune.sizes import parse_max_memory
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +285,67 @@ def pick_device(device: str) -> torch.device:
             f"(accepted here: {', '.join(_usable_devices())})"
         )
     return torch.device(device)
+
+
+def check_placement(
+    device: str, device_map: str | Mapping[str, Any] | None, max_memory: Any
+) -> tuple[str | dict[str, Any] | None, dict | None]:
+    """(device_map, max_memory) ready for from_pretrained, or PruneError.
+
+    `max_memory` (text or mapping, `prune.sizes.parse_max_memory`) alone means device_map
+    "auto". A device map places every block itself, so an explicit `device` other than
+    "auto" contradicts it. A mapping device_map (module name -> device) passes through.
+    """
+    if max_memory is not None:
+        max_memory = parse_max_memory(max_memory)
+    if device_map is None and max_memory is not None:
+        device_map = "auto"
+    if device_map is None:
+        return None, None
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise PruneError(f"unknown device map '{device_map}' (accepted: {', '.join(DEVICE_MAPS)})")
+    if device not in ("auto", None):
+        raise PruneError(
+            f"--device {device} and --device-map {device_map if isinstance(device_map, str) else '...'}"
+            " both say where the model goes: give one (a device map places every block itself "
+            "over the GPUs, then CPU memory, then disk; PRUNE_DEVICE counts as --device)"
+        )
+    return dict(device_map) if isinstance(device_map, Mapping) else device_map, max_memory
+
+
+def _placed_on_accelerator(device_map: Any, max_memory: dict | None) -> torch.device:
+    """The device a device map computes on, for choosing the 'auto' dtype: the GPU (or MPS)
+    when one is there and the map may use it, else the CPU."""
+    accelerator = (
+        torch.device("cuda")
+        if torch.cuda.is_available()
+        else torch.device("mps")
+        if _mps_available()
+        else None
+    )
+    if accelerator is None:
+        return torch.device("cpu")
+    if max_memory is not None and not any(
+        isinstance(key, int) or key == "mps" for key in max_memory
+    ):
+        return torch.device("cpu")
+    if isinstance(device_map, dict) and all(
+        str(where) in ("cpu", "disk") for where in device_map.values()
+    ):
+        return torch.device("cpu")
+    return accelerator
+
+
+def input_device(model: Any) -> torch.device:
+    """Where the model's inputs go: its parameters' device, or for a model dispatched by a
+    device map, the first accelerator in the map (the CPU when it has none), as accelerate
+    picks its main device (offloaded parameters sit on the meta device)."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        main = [where for where in placed.values() if str(where) not in ("cpu", "disk")]
+        where = main[0] if main else "cpu"
+        return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+    return next(model.parameters()).device
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -535,16 +603,21 @@ def _load_tokenizer(checkpoint: str) -> tuple[Any, str | None]:
 
 
 def _load_checkpoint(
-    checkpoint: str, spec: str, torch_dtype: torch.dtype
+    checkpoint: str, spec: str, torch_dtype: torch.dtype, placement: dict[str, Any] | None = None
 ) -> tuple[Any, Any, str | None]:
     """from_pretrained the model (strictly, see `check_loading_info`) and the tokenizer;
-    returns (model, tokenizer or None, why there is none)."""
+    returns (model, tokenizer or None, why there is none). `placement` holds accelerate's
+    `device_map` and `max_memory`, when given."""
     from transformers import AutoModelForCausalLM
 
     try:
         # Mismatched shapes are then reported in the loading info (not as a bare RuntimeError).
         model, info = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True
+            checkpoint,
+            dtype=torch_dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **(placement or {}),
         )
         check_loading_info(model, info, spec, checkpoint)
     except OSError as exc:
@@ -567,11 +640,11 @@ def _load_checkpoint(
 
 
 def _load_conversion(
-    checkpoint: Path, spec: str, torch_dtype: torch.dtype
+    checkpoint: Path, spec: str, torch_dtype: torch.dtype, placement: dict[str, Any] | None = None
 ) -> tuple[Any, Any, str | None]:
     """`_load_checkpoint` for a cached GGUF conversion, which always holds a tokenizer: one
     that does not load means the cached copy is damaged (PruneError, so it is converted again)."""
-    model, tokenizer, problem = _load_checkpoint(str(checkpoint), spec, torch_dtype)
+    model, tokenizer, problem = _load_checkpoint(str(checkpoint), spec, torch_dtype, placement)
     if tokenizer is None:
         raise PruneError(
             f"cannot load model '{spec}': the cached conversion has no usable tokenizer ({problem})"
@@ -585,15 +658,29 @@ def load_model(
     device: str = "auto",
     *,
     tokenizer_for: str | None = None,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: str | Mapping[Any, Any] | None = None,
 ) -> LoadedModel:
     """Load a model for pruning; the only entry point every command uses.
 
     The tokenizer is None for a weight-only checkpoint. `tokenizer_for` (what needs one,
     e.g. "ranking layers") makes a missing tokenizer an error (`require_tokenizer`),
     raised before the weights load when a local folder has no tokenizer files at all.
+
+    `device_map` (one of `DEVICE_MAPS`, or module name -> device) and `max_memory` (device
+    -> size, see `check_placement`) load through accelerate: blocks over the GPUs, then
+    CPU memory, then disk (read back from the safetensors files); `device` must then stay
+    "auto".
     """
     source = resolve_source(spec)
     torch_device = pick_device(device)
+    device_map, max_memory = check_placement(device, device_map, max_memory)
+    placement = None
+    if device_map is not None:
+        placement = {"device_map": device_map}
+        if max_memory is not None:
+            placement["max_memory"] = max_memory
+        torch_device = _placed_on_accelerator(device_map, max_memory)
     torch_dtype = pick_dtype(dtype, torch_device)
     if tokenizer_for and source.kind == "local" and not has_tokenizer_files(Path(source.path)):
         raise _no_tokenizer_error(
@@ -603,7 +690,7 @@ def load_model(
         gguf = Path(source.path)
         checkpoint = gguf_checkpoint(gguf, source.sha256)
         try:
-            model, tokenizer, problem = _load_conversion(checkpoint, spec, torch_dtype)
+            model, tokenizer, problem = _load_conversion(checkpoint, spec, torch_dtype, placement)
         except PruneError as exc:
             # The conversion loaded once, so a cached copy that does not load is damaged.
             log.warning(
@@ -611,18 +698,21 @@ def load_model(
             )
             checkpoint = gguf_checkpoint(gguf, source.sha256, refresh=True)
             try:
-                model, tokenizer, problem = _load_conversion(checkpoint, spec, torch_dtype)
+                model, tokenizer, problem = _load_conversion(
+                    checkpoint, spec, torch_dtype, placement
+                )
             except PruneError as again:
                 raise PruneError(
                     f"{again} (delete the cached conversion at {checkpoint} and re-run)"
                 ) from again
     else:
         checkpoint = source.path or spec
-        model, tokenizer, problem = _load_checkpoint(checkpoint, spec, torch_dtype)
+        model, tokenizer, problem = _load_checkpoint(checkpoint, spec, torch_dtype, placement)
     if source.kind == "hub":
         revision = getattr(model.config, "_commit_hash", None)
         source = ModelSource(spec, "hub", None, spec, revision, None)
-    model.to(torch_device)
+    if placement is None:  # a device map has placed every block already
+        model.to(torch_device)
     model.eval()
     if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token

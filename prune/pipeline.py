@@ -12,6 +12,10 @@
 - report: comparison.json / comparison.md, relevance.png, tradeoff.png, recipe.yaml.
 - publish: push the chosen variants to the Hub when asked.
 
+Under torchrun every process runs every step (same inputs, same decisions) and the
+evaluations are split across them (`prune.distributed`); only process 0 writes the
+output folder and pushes.
+
 Every evaluation goes through `evaluate_removals` on the *full* model with
 original layer indices, so results are cached on disk under one key per (model,
 removed set, task, settings): strategies share evaluations, an interrupted run
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from prune.atomic import sweep_temporaries, write_file
+from prune.distributed import is_main
 from prune.errors import PruneError
 from prune.recipe import (
     Recipe,
@@ -234,7 +239,8 @@ def prepare(run: Run) -> None:
     recipe = load_recipe(run.recipe_path)
     run.recipe, run.overrides = apply_overrides(recipe, **run.cli)
     run.out = Path(run.recipe.export.out or default_out(run.recipe))
-    sweep_temporaries(run.out, depth=2)  # what killed runs left (variants/.kl.tmp-*, ...)
+    if is_main():  # under torchrun only process 0 writes (and so sweeps) the output folder
+        sweep_temporaries(run.out, depth=2)  # what killed runs left (variants/.kl.tmp-*, ...)
     _check_out(run.out, run.overwrite, run.resume)
     check_output_folder(run.out)  # `--out` too, which the recipe's check does not see
     for warning in run.recipe.warnings:
@@ -251,12 +257,15 @@ def prepare(run: Run) -> None:
         dtype=run.recipe.dtype,
         device=run.recipe.device,
         tokenizer_for="prune run",
+        device_map=run.recipe.device_map,
+        max_memory=run.recipe.max_memory,
     )
     run.depth = count_layers(run.loaded.model)
     check_depth(run.recipe, run.depth)
     # An old comparison would describe a finished run; it is written again at the end.
     for name in ("comparison.json", "comparison.md"):
-        (run.out / name).unlink(missing_ok=True)
+        if is_main():
+            (run.out / name).unlink(missing_ok=True)
     run.cache = ResultCache()
     run.report_settings = eval_settings(run.recipe)
     run.total_params = count_parameters(run.loaded.model)
@@ -390,6 +399,8 @@ def export(run: Run) -> None:
     )
     run.figure = plot_relevance(relevance) if relevance else None
     run.tradeoff = plot_tradeoff(run.comparison)
+    if not is_main():  # under torchrun the other processes only took part in the evaluations
+        return
     recipe_text = run.recipe.raw_text
     fingerprint = _run_fingerprint(run.recipe)
     for name, result in run.results.items():
@@ -454,6 +465,8 @@ def report(run: Run) -> None:
     """recipe.yaml, relevance.png, comparison.md, then comparison.json (last: the run is done)."""
     from prune.report import render_comparison
 
+    if not is_main():
+        return
     write_file(run.out / "recipe.yaml", run.recipe.raw_text)
     write_file(run.out / "tradeoff.png", run.tradeoff)
     if run.figure:
@@ -474,7 +487,7 @@ def publish(run: Run) -> None:
     from prune import hub
 
     push = run.recipe.push
-    if not push.enabled:
+    if not push.enabled or not is_main():
         return
     if push.publish == "all" or (push.publish == "best" and "{strategy}" in (push.repo_id or "")):
         chosen = list(run.variants)
@@ -524,11 +537,20 @@ def run_recipe(
     resume: bool = False,
     progress: bool = True,
     echo: Echo | None = None,
+    device_map: str | None = None,
+    max_memory: Any = None,
 ) -> RunResult:
     """Run a recipe end to end, step by step (see the module docstring)."""
     run = Run(
         recipe_path=Path(recipe_path),
-        cli={"out": out, "limit": limit, "device": device, "push": push},
+        cli={
+            "out": out,
+            "limit": limit,
+            "device": device,
+            "device_map": device_map,
+            "max_memory": max_memory,
+            "push": push,
+        },
         overwrite=overwrite,
         resume=resume,
         progress=progress,

@@ -35,7 +35,7 @@ from prune.errors import PruneError
 from prune.hub import check_repo_id, repo_id_placeholders
 from prune.measures import get_measure, measure_names
 from prune.sizes import ACCEPTED as SIZES_ACCEPTED
-from prune.sizes import parse_size
+from prune.sizes import parse_max_memory, parse_size
 from prune.tasks import LOCAL_TASKS
 
 # --- the schema: types and defaults --------------------------------------------------
@@ -179,6 +179,10 @@ class Settings(_Section):
     model: Text = ""
     dtype: Text = "auto"
     device: Text = "auto"
+    # accelerate's big-model placement (`--device-map`, `--max-memory`); max_memory is a
+    # mapping `{0: 20GiB, cpu: 64GiB}` or the CLI's text `0=20GiB,cpu=64GiB`.
+    device_map: Text | None = None
+    max_memory: Any = None
     data_dir: Text | None = None
     seed: int = defaults.SEED
     description: Text | None = None
@@ -353,6 +357,21 @@ def _check_task_names(names: list[str], path: str, problems: list[str]) -> None:
             problems.append(f"{path}[{i}]: unknown local task '{name}' ({hint})")
 
 
+def _check_placement(recipe: Settings, problems: list[str]) -> None:
+    """device_map and max_memory as `prune.models.check_placement` takes them."""
+    _choice(recipe.device_map, defaults.DEVICE_MAPS, "device_map", problems)
+    if recipe.max_memory is not None:
+        try:
+            parse_max_memory(recipe.max_memory)
+        except PruneError as exc:
+            problems.append(str(exc))
+    if (recipe.device_map or recipe.max_memory is not None) and recipe.device != "auto":
+        problems.append(
+            f"device: '{recipe.device}' contradicts device_map/max_memory, which place every "
+            "block themselves (leave device out, or set it to auto)"
+        )
+
+
 SEED_MAX = 2**32 - 1  # numpy's random seeds are unsigned 32-bit
 
 
@@ -367,6 +386,7 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
         )
     _choice(recipe.dtype, defaults.DTYPES, "dtype", problems)
     _choice(recipe.device, defaults.DEVICES, "device", problems)
+    _check_placement(recipe, problems)
 
     cal = recipe.calibration
     _at_least(cal.samples, 1, "calibration.samples", problems)
@@ -865,7 +885,8 @@ def check_depth(recipe: Recipe, depth: int) -> None:
 
 
 def apply_overrides(recipe: Recipe, **overrides: Any) -> tuple[Recipe, dict[str, Any]]:
-    """Apply CLI overrides (`out`, `limit`, `device`, `push`) to a copy; returns it and what changed."""
+    """Apply CLI overrides (`out`, `limit`, `device`, `device_map`, `max_memory`, `push`) to a
+    copy; returns it and what changed."""
     new = recipe.model_copy(deep=True)
     applied: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -885,6 +906,15 @@ def apply_overrides(recipe: Recipe, **overrides: Any) -> tuple[Recipe, dict[str,
             if value not in defaults.DEVICES:
                 raise PruneError(f"--device: {_not_one_of(value, defaults.DEVICES)}")
             new.device = value
+        elif key in ("device_map", "max_memory"):
+            if key == "device_map" and value not in defaults.DEVICE_MAPS:
+                raise PruneError(f"--device-map: {_not_one_of(value, defaults.DEVICE_MAPS)}")
+            if isinstance(value, dict):  # text keys, as a recipe's (JSON sorts mixed keys badly)
+                value = applied[key] = {str(k): v for k, v in value.items()}
+            setattr(new, key, value)
+            # A placement given on the command line replaces the recipe's device.
+            if overrides.get("device") is None:
+                new.device = "auto"
         elif key == "push":
             new.push.enabled = bool(value)
             if value and not new.push.repo_id:

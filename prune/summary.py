@@ -36,7 +36,17 @@ def describe_model(loaded: LoadedModel) -> dict[str, Any]:
         "parameters": count_parameters(model),
         "parameters_per_block": per_block,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "device": str(next(model.parameters()).device),
+        "device": _devices(model),
         # None for a weight-only checkpoint (drop works; rank, compare and run need one).
         "tokenizer": type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None,
     }
+
+
+def _devices(model: Any) -> str:
+    """The parameters' device, or for a model a device map spread out, every device it uses
+    in block order ("cuda:0, cuda:1, cpu")."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return str(next(model.parameters()).device)
+    names = (f"cuda:{where}" if isinstance(where, int) else str(where) for where in placed.values())
+    return ", ".join(dict.fromkeys(names))

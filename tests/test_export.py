@@ -17,8 +17,9 @@ import prune.atomic
 import prune.export
 from prune import __version__
 from prune.cli import cli
+from prune.drop import drop_and_export
 from prune.errors import PruneError
-from prune.export import drop_and_export, export_checkpoint
+from prune.export import export_checkpoint
 from prune.models import load_model
 from prune.sizes import parse_size
 from prune.surgery import drop_layers
@@ -72,8 +73,10 @@ def test_provenance_in_metadata_and_prune_json(tiny_dir, tmp_path):
     out = tmp_path / "out"
     assert _drop(str(tiny_dir), "--layers", "1,-1", "--out", str(out)).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
         "config.json",
         "generation_config.json",
+        "mergekit.yaml",
         "model.safetensors",
         "prune.json",
         "tokenizer.json",

@@ -94,7 +94,7 @@ def test_a_request_without_what_the_measure_needs_fails_clearly():
     with pytest.raises(
         PruneError,
         match=r"adaptive sampling does not apply to the perplexity measure \(accepted: "
-        "accuracy, probability, margin, kl\\)",
+        "measures that score each block on documents",
     ):
         rank_layers("perplexity", RankRequest(loaded, texts=TEXTS, adaptive=2))
     with pytest.raises(PruneError, match="block size 2 is invalid for 2 layers"):

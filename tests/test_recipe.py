@@ -288,8 +288,8 @@ def test_unknown_keys_list_the_known_ones_and_bookkeeping_is_not_a_key():
     with pytest.raises(RecipeError) as info:
         parse_recipe("model: m\nraw_text: x\nprune: {remove: 2, xyzzy: 1}\n", depth=30)
     assert info.value.problems == [
-        "raw_text: unknown key (known: model, dtype, device, data_dir, seed, description, "
-        "calibration, strategies, evaluation, prune, export, push)",
+        "raw_text: unknown key (known: model, dtype, device, device_map, max_memory, data_dir, "
+        "seed, description, calibration, strategies, evaluation, prune, export, push)",
         "prune.xyzzy: unknown key (known: schedule, remove, keep, fraction, max_drop, protect)",
     ]
 
@@ -314,8 +314,8 @@ def test_settings_keep_their_json_shape():
     recipe = parse_recipe(GOOD, depth=30)
     settings = json.loads(json.dumps(recipe.to_dict()))
     assert list(settings) == [
-        "model", "dtype", "device", "data_dir", "seed", "description",
-        "calibration", "strategies", "evaluation", "prune", "export", "push",
+        "model", "dtype", "device", "device_map", "max_memory", "data_dir", "seed",
+        "description", "calibration", "strategies", "evaluation", "prune", "export", "push",
     ]  # fmt: skip
     # the effective ranking tasks are written out (cosine ranks on the calibration text)
     assert settings["strategies"] == [

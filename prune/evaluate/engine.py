@@ -30,6 +30,10 @@ and the model's own forward builds embeddings, rotary tables and the final norm,
 so no architecture is re-implemented. A self-check compares the packed path with
 a plain forward on the first batch and refuses to go on when they disagree.
 
+The engine keeps the model on one device: a model a device map spreads over several
+devices (or offloads to disk) is refused with FastEngineUnsupported
+(`check_single_device`), and the "auto" engine then takes the lm-eval path.
+
 This module needs torch only: it never imports lm-eval. Turning lm-eval tasks into
 requests and answers back into task scores is `prune.evaluate.harness`'s job;
 `perplexities` is the engine's other client (the perplexity measure).
@@ -423,6 +427,21 @@ def _installed(model: nn.Module, modules: list[nn.Module], origin: list[int]) ->
 # --------------------------------------------------------------------------- the engine
 
 
+def check_single_device(model: nn.Module) -> None:
+    """FastEngineUnsupported when a device map (`hf_device_map`) puts the model on more than
+    one device or offloads it: the engine saves block inputs and swaps blocks on one device,
+    while accelerate's hooks would move (and reload) them behind its back."""
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return
+    devices = list(dict.fromkeys(str(where) for where in placed.values()))
+    if len(devices) > 1 or devices[0] in ("disk", "meta"):
+        raise FastEngineUnsupported(
+            "the fast engine needs the model on one device, and this one is dispatched across "
+            f"devices by its device map ({', '.join(devices)})"
+        )
+
+
 def _budget() -> int:
     raw = os.environ.get("PRUNE_FAST_STATE_BUDGET")
     if raw:
@@ -452,6 +471,7 @@ class FastEngine:
         scored_last_feed_forward: bool = True,
     ) -> None:
         """The four switches turn the engine's ideas off one by one (for measuring what each pays)."""
+        check_single_device(model)
         self.model = model
         self.share_prefixes, self.reuse_states = share_prefixes, reuse_states
         self.share_across_documents = share_prefixes and share_across_documents

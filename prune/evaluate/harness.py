@@ -16,7 +16,8 @@
   from lm-eval's code. `evaluate_candidates` is the one-call form; it hands each
   candidate's scores to `on_done` as soon as the engine finishes that candidate.
 
-Private lm-eval API used here: `HFLM._encode_pair`; `lm_eval.evaluator`'s
+Private lm-eval API used here: `HFLM._encode_pair`, `HFLM._device` (set to a dispatched
+model's input device); `lm_eval.evaluator`'s
 `add_env_info` / `get_git_commit_hash`, switched off while the fast engine drives
 `simple_evaluate` (`_without_env_info`); and `lm_eval.utils.apply_template` / `env`,
 replaced while either engine runs by a version that compiles each template once
@@ -31,6 +32,7 @@ import io
 import logging
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -38,7 +40,7 @@ from typing import Any
 from lm_eval.api.model import LM
 
 from prune.errors import FastEngineUnsupported, PruneError
-from prune.evaluate.engine import Answer, FastEngine, Key, Request
+from prune.evaluate.engine import Answer, FastEngine, Key, Request, check_single_device
 from prune.evaluate.settings import DocOutcomes, EvalSettings, TaskScore
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,11 @@ class LmEvalRunner:
         self.names = resolve_task_names(settings.tasks, self.manager)
         with contextlib.redirect_stdout(io.StringIO()):
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+        if getattr(model, "hf_device_map", None):
+            from prune.models import input_device
+
+            # HFLM puts inputs on `model.device`, the meta device when weights are offloaded.
+            self.lm._device = input_device(model)
         self.task_dict = get_task_dict(self.names, self.manager)
 
     def run(
@@ -122,6 +129,7 @@ class LmEvalRunner:
             contextlib.redirect_stdout(io.StringIO()),
             _maybe_redirect_stderr(quiet),
             _compiled_templates(),
+            _one_process(),
         ):
             results = simple_evaluate(
                 model=self.lm if lm is None else lm,
@@ -379,6 +387,22 @@ class _ReplayLM(_RecordingLM):
 
 
 @contextmanager
+def _one_process() -> Iterator[None]:
+    """Let `simple_evaluate` return its results in every torchrun process: it returns None
+    unless LOCAL_RANK is 0, while prune splits candidates, not documents, across processes
+    (`prune.distributed`), so each lm-eval call is a whole single-process evaluation."""
+    saved = os.environ.get("LOCAL_RANK")
+    if saved is None:
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["LOCAL_RANK"] = saved
+
+
+@contextmanager
 def _without_env_info() -> Iterator[None]:
     """Skip the environment report `simple_evaluate` adds to every result (it runs `pip list`
     and `git` in subprocesses: about half a second per call, and it changes no score)."""
@@ -417,6 +441,7 @@ class FastEvaluator:
         progress: bool = False,
         **engine_options: Any,
     ) -> None:
+        check_single_device(model)  # before recording the requests, which takes a while
         self.model, self.settings = model, settings
         self.runner = lm_eval_runner(model, tokenizer, settings)  # shared with the lm-eval path
         self.hflm = self.runner.lm  # tokenizes the requests exactly as the lm-eval path does

@@ -34,8 +34,9 @@ def perplexity(
     if not texts:
         raise PruneError("perplexity needs at least one text")
     from prune.calibration import padded_batches
+    from prune.models import input_device
 
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     for input_ids, mask in padded_batches(
         tokenizer,

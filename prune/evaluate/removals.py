@@ -24,6 +24,7 @@ from dataclasses import asdict
 from typing import Any
 
 from prune.defaults import ENGINES
+from prune.distributed import gather, is_main, share_work, world
 from prune.errors import FastEngineUnsupported, PruneError
 from prune.evaluate.cache import ResultCache, model_fingerprint
 from prune.evaluate.settings import EvalSettings, TaskScore
@@ -92,6 +93,10 @@ def evaluate_removals(
     uncached candidates in one call of `prune.evaluate.harness.evaluate_candidates` (which
     shares work across them), or in calls of `chunk_size` candidates each; the engine
     reports each candidate as it finishes (`on_done`), and it is cached then.
+
+    Under torchrun (`prune.distributed`) every process looks the candidates up in the
+    cache, scores every size-th uncached one (caching what it scored) and receives the
+    others' scores, so every process returns the same list as one process would.
     """
     from tqdm.auto import tqdm
 
@@ -135,50 +140,67 @@ def evaluate_removals(
                 if hit is not None:
                     hits[name] = hit
         found[removed] = hits
+    if world()[1] > 1:
+        # Every process must see the same work left: a cache on one node's disk may hold
+        # entries another node's lacks, so each takes every hit any process found.
+        for other in gather(found):
+            for removed, hits in other.items():
+                found[removed] = {**hits, **found[removed]}
+        progress = progress and is_main()
     todo = [r for r, hits in found.items() if len(hits) < len(names)]
 
-    if todo and engine == "lm-eval":
-        from prune.evaluate.harness import lm_eval_runner
+    def evaluate_share(share: list[tuple[int, ...]]) -> dict[tuple[int, ...], dict[str, TaskScore]]:
+        """Score the candidates of `share`, caching each as it finishes; removed -> fresh scores."""
+        fresh: dict[tuple[int, ...], dict[str, TaskScore]] = {r: {} for r in share}
+        if share and engine == "lm-eval":
+            from prune.evaluate.harness import lm_eval_runner
 
-        runner = lm_eval_runner(model, tokenizer, settings)
-        bar = tqdm(normed, desc="evaluating removals", unit="model", disable=not progress)
-        for removed in bar:
-            bar.set_postfix_str(f"removed={list(removed)}")
-            missing = [n for n in names if n not in found[removed]]
-            if not missing:
-                continue
-            with layers_removed(model, removed):
-                fresh = runner.run(missing)
-            store(removed, fresh)
-            found[removed].update(fresh)
-    elif todo:
-        evaluate_candidates = _fast_engine()
-        size = chunk_size or len(todo)
-        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+            runner = lm_eval_runner(model, tokenizer, settings)
+            bar = tqdm(share, desc="evaluating removals", unit="model", disable=not progress)
+            for removed in bar:
+                bar.set_postfix_str(f"removed={list(removed)}")
+                missing = [n for n in names if n not in found[removed]]
+                with layers_removed(model, removed):
+                    fresh[removed] = runner.run(missing)
+                store(removed, fresh[removed])
+        elif share:
+            evaluate_candidates = _fast_engine()
+            size = chunk_size or len(share)
+            chunks = [share[i : i + size] for i in range(0, len(share), size)]
 
-        def keep(removed: tuple[int, ...], fresh: dict[str, TaskScore]) -> None:
-            fresh = {n: s for n, s in fresh.items() if n not in found[removed]}
-            store(removed, fresh)
-            found[removed].update(fresh)
+            def keep(removed: tuple[int, ...], scores: dict[str, TaskScore]) -> None:
+                new = {
+                    n: s
+                    for n, s in scores.items()
+                    if n not in found[removed] and n not in fresh[removed]
+                }
+                store(removed, new)
+                fresh[removed].update(new)
 
-        for chunk in tqdm(
-            chunks,
-            desc=f"evaluating removals ({engine})",
-            unit="chunk",
-            disable=not progress or len(chunks) < 2,
-        ):
-            # Each candidate is cached the moment the engine finishes it (`on_done`); the
-            # returned list then only fills what an engine did not report that way.
-            results = evaluate_candidates(
-                model,
-                tokenizer,
-                settings,
-                chunk,
-                progress=progress,
-                on_done=lambda i, fresh, chunk=chunk: keep(chunk[i], fresh),
-            )
-            for removed, fresh in zip(chunk, results, strict=True):
-                keep(removed, fresh)
+            for chunk in tqdm(
+                chunks,
+                desc=f"evaluating removals ({engine})",
+                unit="chunk",
+                disable=not progress or len(chunks) < 2,
+            ):
+                # Each candidate is cached the moment the engine finishes it (`on_done`); the
+                # returned list then only fills what an engine did not report that way.
+                results = evaluate_candidates(
+                    model,
+                    tokenizer,
+                    settings,
+                    chunk,
+                    progress=progress,
+                    on_done=lambda i, scores, chunk=chunk: keep(chunk[i], scores),
+                )
+                for removed, scores in zip(chunk, results, strict=True):
+                    keep(removed, scores)
+        return fresh
+
+    # Under torchrun the candidates are split across the processes (`prune.distributed`);
+    # the fast engine scores each candidate on its own, so the split changes no number.
+    for removed, fresh in share_work(todo, evaluate_share).items():
+        found[removed].update({n: s for n, s in fresh.items() if n not in found[removed]})
     # Task order as requested, whether a score came from the cache or not.
     return [{**{n: found[r][n] for n in names if n in found[r]}, **found[r]} for r in normed]
 

@@ -206,12 +206,9 @@ class Measure:
                 f"the {self.name} measure needs evaluation tasks (e.g. local_arc_easy)"
             )
         if request.adaptive is not None and not self.adaptive:
-            from prune.measures import registry
-
-            accepting = ", ".join(m.name for m in registry().values() if m.adaptive)
             raise PruneError(
                 f"adaptive sampling does not apply to the {self.name} measure (accepted: "
-                f"{accepting})"
+                "measures that score each block on documents, such as accuracy and kl)"
             )
 
     def rank(self, request: RankRequest) -> Ranking:

@@ -59,7 +59,9 @@ def block_cosines(model: Any, input_ids: Any, attention_mask: Any, block_size: i
         def hook(module, args, kwargs, output):
             i = j - block_size + 1
             if i >= 0:
-                h_in, h_out = inputs.pop(i).float(), _hidden(output).detach().float()
+                h_out = _hidden(output).detach().float()
+                # Under a device map the block's input may still be on the previous block's device.
+                h_in = inputs.pop(i).float().to(h_out.device)
                 cosines[i] = torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)  # (B, T)
 
         return hook
@@ -85,7 +87,7 @@ def block_cosines(model: Any, input_ids: Any, attention_mask: Any, block_size: i
         raise PruneError(
             "a block was not called during the forward pass; cannot compute cosine relevance"
         )
-    return torch.stack(cosines)  # (spans, B, T)
+    return torch.stack([c.to(attention_mask.device) for c in cosines])  # (spans, B, T)
 
 
 def cosine_relevance(
@@ -110,6 +112,7 @@ def cosine_relevance(
     from tqdm.auto import tqdm
 
     from prune.calibration import padded_batches
+    from prune.models import input_device
     from prune.surgery import count_layers
 
     num_layers = count_layers(model)
@@ -120,7 +123,7 @@ def cosine_relevance(
             "(accepted: seq_len >= 2, batch_size >= 1)"
         )
     use_angular = block_size > 1 if angular is None else angular
-    device = next(model.parameters()).device
+    device = input_device(model)
     per_text: list[torch.Tensor] = []  # (spans,) mean score of each text
     total, count = None, 0
     batches = list(padded_batches(tokenizer, texts, seq_len, batch_size, device))

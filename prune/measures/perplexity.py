@@ -39,12 +39,14 @@ def perplexity_relevance(
 
     from tqdm.auto import tqdm
 
+    from prune.distributed import gather, is_main, share_work, world
     from prune.evaluate.cache import ResultCache, model_fingerprint
     from prune.evaluate.removals import check_engine, with_fallback
     from prune.evaluate.settings import EvalSettings, TaskScore
     from prune.surgery import count_layers, layers_removed
 
     model, tokenizer = loaded.model, loaded.tokenizer
+    progress = progress and is_main()  # one set of bars under torchrun
     num_layers = count_layers(model)
     candidate_spans = spans(num_layers, block_size, layers)
     text_id = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
@@ -79,13 +81,20 @@ def perplexity_relevance(
             for c in candidates
         }
         values = {c: cache.get_value(keys[c]) for c in candidates} if cache else {}
+        for other in gather(values) if world()[1] > 1 else []:  # every process: the same work
+            values.update({c: v for c, v in other.items() if values.get(c) is None})
         missing = [c for c in candidates if values.get(c) is None]
-        if missing:
-            for removed, value in (plain if chosen == "lm-eval" else fast)(missing):
-                values[removed] = value
+
+        def compute(share: list[tuple[int, ...]]) -> dict[tuple[int, ...], float]:
+            done: dict[tuple[int, ...], float] = {}
+            for removed, value in (plain if chosen == "lm-eval" else fast)(share) if share else []:
+                done[removed] = value
                 if cache:
                     score = TaskScore(pseudo.tasks[0], "perplexity", value, None, len(texts), False)
                     cache.put(keys[removed], score)
+            return done
+
+        values.update(share_work(missing, compute))  # split across processes under torchrun
         return [values[c] for c in candidates]
 
     check_engine(engine)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming bench-gpu study clean
+.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming bench-gpu bench-iterative study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ ifdef NPROC
 else
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_gpu.py $(GPU_ARGS)
 endif
+
+bench-iterative: $(STAMP) ## iterative schedule vs one-shot: time, evaluations, removal sets (ITERATIVE_ARGS="--limit 50")
+	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_iterative.py $(ITERATIVE_ARGS)
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

@@ -337,6 +337,7 @@ def part_b(loaded, settings, strategies: dict[str, list[int]], depths, cache, fi
 MARKERS = {"cosine": "s", "correct": "o", "probability": "^", "margin": "v", "kl": "D"}
 MARKERS |= {"angular": "P"}
 DASHES = {"span2": "--", "gromov": ":", "iterative": "-."}
+BANDS = ("cosine", "kl")  # the strategies whose interval bands the tradeoff figure shows
 
 
 def style(strategy: str) -> dict:
@@ -403,13 +404,14 @@ def plot_tradeoff(b: dict, model: str, depths: list[int]) -> bytes:
             xs = [0] + [r["depth"] for r in rows]
             band = [(0.0, 0.0)] + [r["all_vs_base"]["ci95"] for r in rows]
             ax.plot(xs, [base] + [r["all_score"] for r in rows], label=strategy, **style(strategy))
-            lo, hi = (base + np.asarray(side) for side in zip(*band, strict=True))
-            ax.fill_between(xs, lo, hi, color=style(strategy)["color"], alpha=0.12)
+            if strategy in BANDS:  # a band for every line would hide the lines
+                lo, hi = (base + np.asarray(side) for side in zip(*band, strict=True))
+                ax.fill_between(xs, lo, hi, color=style(strategy)["color"], alpha=0.12)
         ax.axhline(base, color="gray", lw=0.8, ls="--")
 
-    ylabel = "mean report score (band: paired 95% CI vs base)"
+    ylabel = "mean report score (bands: paired 95% CI vs base)"
     title = f"{model}: held-out score per strategy"
-    return render(draw, title, "blocks removed (one-shot)", ylabel, [0] + depths)
+    return render(draw, title, "blocks removed", ylabel, [0] + depths)
 
 
 def delta(p: dict | None) -> str:

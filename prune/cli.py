@@ -33,6 +33,13 @@ from prune.defaults import (
     ENGINES,
     EVAL_BATCH_SIZE,
     EXPORT_DTYPES,
+    HEAL_BATCH_SIZE,
+    HEAL_CHECKPOINT_EVERY,
+    HEAL_LORA_RANK,
+    HEAL_METHODS,
+    HEAL_SAMPLES,
+    HEAL_STEPS,
+    SEED,
 )
 from prune.errors import FastEngineUnsupported, PruneError
 
@@ -112,7 +119,8 @@ def handle_errors(func):
         except PruneError as exc:
             raise click.ClickException(str(exc)) from exc
         except KeyboardInterrupt as exc:
-            click.echo("Error: interrupted", err=True)
+            # A library that saved resumable state says so in the message (`prune heal`).
+            click.echo(f"Error: {str(exc) or 'interrupted'}", err=True)
             sys.exit(128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT))
 
     return wrapper
@@ -733,6 +741,136 @@ def compare(
     else:
         click.echo(render_table(report))
         click.echo(f"wrote {paths['table']}, {paths['json']}, {paths['figure']}", err=True)
+
+
+@cli.command()
+@click.argument("variant", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Healed checkpoint folder."
+)
+@click.option(
+    "--teacher",
+    default=None,
+    help="Model to distil from. Default: the base model recorded in VARIANT/prune.json.",
+)
+@click.option("--steps", type=int, default=HEAL_STEPS, show_default=True, help="Optimizer steps.")
+@click.option(
+    "--method",
+    type=click.Choice(HEAL_METHODS),
+    default="lora",
+    show_default=True,
+    help="What trains: LoRA adapters on every block (merged on export), every block, or only "
+    "the blocks beside each cut.",
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help="Peak learning rate. Default: 2e-4 lora, 2e-5 full, 5e-5 adjacent.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=HEAL_BATCH_SIZE,
+    show_default=True,
+    help="Chunks per micro-batch.",
+)
+@click.option(
+    "--seq-len", type=int, default=CALIBRATION_SEQ_LEN, show_default=True, help="Tokens per chunk."
+)
+@click.option(
+    "--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step."
+)
+@click.option(
+    "--lm-weight",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of the language-modelling loss added to the KL to the teacher.",
+)
+@click.option("--lora-rank", type=int, default=HEAL_LORA_RANK, show_default=True, help="LoRA rank.")
+@click.option(
+    "--calibration",
+    default=None,
+    help="Training text: a .txt/.jsonl file or a HF dataset name (default: LAMBADA passages).",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=HEAL_SAMPLES,
+    show_default=True,
+    help="Calibration texts read; 10% of them are held out to measure before and after.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(),
+    default=None,
+    envvar="PRUNE_DATA_DIR",
+    help="Benchmark data folder holding the default calibration text [env: PRUNE_DATA_DIR].",
+)
+@click.option(
+    "--seed", type=int, default=SEED, show_default=True, help="Seed of data order and init."
+)
+@dtype_option
+@device_option
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=HEAL_CHECKPOINT_EVERY,
+    show_default=True,
+    help="Save a resumable state every N steps (0: only on Ctrl-C).",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted heal from its saved state.")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out, and discard an unfinished heal's state."
+)
+@pass_verbosity
+@handle_errors
+def heal(
+    verbosity: Verbosity,
+    variant: Path,
+    out: Path,
+    teacher: str | None,
+    device: str,
+    data_dir: str | None,
+    checkpoint_every: int,
+    resume: bool,
+    overwrite: bool,
+    **settings,
+) -> None:
+    """Recover what pruning cost: distil the base model into the pruned VARIANT folder.
+
+    Trains VARIANT to match its teacher's next-token distributions (KL divergence) on
+    calibration text, measures the KL and perplexity on held-out text before and after,
+    and writes a loadable checkpoint with the same blocks to --out. Ctrl-C saves a
+    state that --resume continues.
+
+    \b
+    Example:
+      prune drop smollm2-135m --layers 20,21 --out pruned/
+      prune heal pruned/ --steps 200 --out healed/
+    """
+    from prune.heal import HealSettings, heal_variant
+
+    _configure_libraries(verbosity, datasets=True)
+    result = heal_variant(
+        variant,
+        out,
+        teacher=teacher,
+        settings=HealSettings(**settings),
+        device=device,
+        data_dir=data_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        overwrite=overwrite,
+        progress=verbosity.progress,
+    )
+    held = result.healing["heldout"]
+    click.echo(
+        f"KL to teacher {held['kl_before']:.4f} -> {held['kl_after']:.4f}, perplexity "
+        f"{held['perplexity_before']:.2f} -> {held['perplexity_after']:.2f} on held-out text "
+        f"({held['chunks']} chunks); wrote {result.out}"
+    )
 
 
 def main() -> None:

@@ -32,6 +32,16 @@ DEFAULT_STRATEGIES = ("cosine", "accuracy")
 RANK_TASKS = ("local_arc_easy", "local_winogrande")
 REPORT_TASKS = ("local_piqa", "local_copa", "local_openbookqa")
 DEFAULT_SHARD_SIZE = "2GB"
+# `prune heal`: what trains (LoRA adapters on every block, every block, or the blocks beside
+# each cut), and each method's default learning rate (adapters take a larger one).
+HEAL_METHODS = ("lora", "full", "adjacent")
+HEAL_LEARNING_RATES = {"lora": 2e-4, "full": 2e-5, "adjacent": 5e-5}
+HEAL_STEPS = 200
+HEAL_BATCH_SIZE = 4
+HEAL_SAMPLES = 1024
+HEAL_LORA_RANK = 16
+HEAL_CHECKPOINT_EVERY = 50
+HEAL_HELDOUT_SHARE = 0.1
 DEFAULT_MODEL = "smollm2-135m"
 
 

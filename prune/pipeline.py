@@ -359,6 +359,7 @@ def export(run: Run) -> None:
     from prune.layer_report import build_report, ranking_stability
     from prune.plot import plot_relevance, plot_tradeoff
     from prune.report import build_comparison, paired_comparison, step_intervals
+    from prune.streaming import stream_drop_source
     from prune.surgery import drop_layers, restore_layers
 
     # The per-block table and figure: the first single-block ranking of each measure.
@@ -432,27 +433,40 @@ def export(run: Run) -> None:
                 (folder / "relevance.png").unlink(missing_ok=True)
             run.variants[name] = folder
             continue
-        removal = drop_layers(run.loaded.model, removed) if removed else None
-        try:
-            export_checkpoint(
-                run.loaded,
-                folder,
-                removed,
-                run.depth,
-                overwrite=True,
-                max_shard_size=run.recipe.export.max_shard_size,
-                extra={
-                    "run_fingerprint": fingerprint,
-                    "strategy": name,
-                    "schedule": result.schedule,
-                    "removal_order": result.removed,
-                    "history": [s.to_dict() for s in result.history],
-                },
-                files=files,
-            )
-        finally:
-            if removal is not None:
-                restore_layers(run.loaded.model, removal)
+        extra = {
+            "run_fingerprint": fingerprint,
+            "strategy": name,
+            "schedule": result.schedule,
+            "removal_order": result.removed,
+            "history": [s.to_dict() for s in result.history],
+        }
+        # On the source's safetensors files where it can (the source dtype, about one shard
+        # of memory); else from the loaded model, in the dtype it was computed in.
+        streamed = stream_drop_source(
+            run.recipe.model,
+            removed,
+            folder,
+            max_shard_size=run.recipe.export.max_shard_size,
+            overwrite=True,
+            extra=extra,
+            files=files,
+        )
+        if streamed is None:
+            removal = drop_layers(run.loaded.model, removed) if removed else None
+            try:
+                export_checkpoint(
+                    run.loaded,
+                    folder,
+                    removed,
+                    run.depth,
+                    overwrite=True,
+                    max_shard_size=run.recipe.export.max_shard_size,
+                    extra=extra,
+                    files=files,
+                )
+            finally:
+                if removal is not None:
+                    restore_layers(run.loaded.model, removal)
         run.variants[name] = folder
     variants_dir = run.out / "variants"
     if run.overwrite and variants_dir.is_dir():

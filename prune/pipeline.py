@@ -208,14 +208,15 @@ def _rescored(
     (`rounds`: the rankings so far, newest first) and still start a span of `span` remaining
     blocks after `removed`, none of them in `protect`: the candidates an iterative round with
     `rescore` measures again."""
+    from prune.measures._blocks import windows
+
     latest: dict[int, float] = {}
     for ranking in rounds:
         for score in ranking.scores:
             latest.setdefault(score.index, score.score)
-    rest = [i for i in range(depth) if i not in removed]
     keep = {i % depth for i in protect if -depth <= i < depth}
-    windows = {rest[n]: rest[n : n + span] for n in range(len(rest) - span + 1)}
-    usable = [i for i in latest if i in windows and not keep & set(windows[i])]
+    spans = {span_[0]: span_ for span_ in windows(depth, span, removed, None)}
+    usable = [i for i in latest if i in spans and not keep & set(spans[i])]
     return sorted(usable, key=lambda i: (latest[i], i))[:count]
 
 

@@ -39,6 +39,7 @@ from prune.defaults import (
     HEAL_METHODS,
     HEAL_SAMPLES,
     HEAL_STEPS,
+    REPORT_TASKS,
     SEED,
 )
 from prune.errors import FastEngineUnsupported, PruneError
@@ -811,7 +812,44 @@ def compare(
 @click.option(
     "--seed", type=int, default=SEED, show_default=True, help="Seed of data order and init."
 )
+@click.option(
+    "-t",
+    "--tasks",
+    "report_tasks",
+    default=",".join(REPORT_TASKS),
+    show_default=True,
+    help="Report tasks scored before and after healing (paired over documents); 'none' skips.",
+)
+@click.option(
+    "--limit",
+    "report_limit",
+    type=int,
+    default=None,
+    help="First N documents of each report task (>= 1; default all).",
+)
+@click.option(
+    "--num-fewshot",
+    "report_fewshot",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Few-shot examples per report-task prompt.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(ENGINES),
+    default="auto",
+    show_default=True,
+    help="Engine for the report tasks: fast, lm-eval, auto = fast where it can.",
+)
 @dtype_option
+@click.option(
+    "--export-dtype",
+    type=click.Choice(("auto", *EXPORT_DTYPES)),
+    default="auto",
+    show_default=True,
+    help="Dtype of the written weights; auto = --dtype when given, else the variant's.",
+)
 @device_option
 @click.option(
     "--checkpoint-every",
@@ -836,6 +874,11 @@ def heal(
     checkpoint_every: int,
     resume: bool,
     overwrite: bool,
+    report_tasks: str,
+    report_limit: int | None,
+    report_fewshot: int,
+    engine: str,
+    export_dtype: str,
     **settings,
 ) -> None:
     """Recover what pruning cost: distil the base model into the pruned VARIANT folder.
@@ -850,14 +893,23 @@ def heal(
       prune drop smollm2-135m --layers 20,21 --out pruned/
       prune heal pruned/ --steps 200 --out healed/
     """
+    from prune.evaluate.settings import EvalSettings
     from prune.heal import HealSettings, heal_variant
 
     _configure_libraries(verbosity, datasets=True)
+    report = None
+    if report_tasks.strip().lower() != "none":
+        report = EvalSettings(
+            tasks=report_tasks, limit=report_limit, num_fewshot=report_fewshot, data_dir=data_dir
+        )
     result = heal_variant(
         variant,
         out,
         teacher=teacher,
         settings=HealSettings(**settings),
+        report=report,
+        engine=engine,
+        export_dtype=export_dtype,
         device=device,
         data_dir=data_dir,
         checkpoint_every=checkpoint_every,
@@ -869,8 +921,19 @@ def heal(
     click.echo(
         f"KL to teacher {held['kl_before']:.4f} -> {held['kl_after']:.4f}, perplexity "
         f"{held['perplexity_before']:.2f} -> {held['perplexity_after']:.2f} on held-out text "
-        f"({held['chunks']} chunks); wrote {result.out}"
+        f"({held['chunks']} chunks)"
     )
+    tasks = result.healing.get("tasks")
+    if tasks is not None:
+        change = tasks["change"]
+        lo, hi = change["ci95"]
+        verdict = "distinguishable" if tasks["distinguishable"] else "not distinguishable"
+        click.echo(
+            f"report tasks {tasks['mean_before']:.3f} -> {tasks['mean_after']:.3f} "
+            f"({change['diff']:+.3f}, 95% CI {lo:+.3f}..{hi:+.3f}, {verdict}; "
+            f"{change['documents']} documents of {', '.join(tasks['tasks'])})"
+        )
+    click.echo(f"wrote {result.out}")
 
 
 def main() -> None:

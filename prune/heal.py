@@ -13,34 +13,33 @@ times the language-modelling cross-entropy. What trains is the method's choice:
 
 Calibration texts are split once (seeded) into training and held-out texts, so the
 held-out KL to the teacher and the student's perplexity, measured before and after with
-paired intervals over held-out chunks, are on text the student never trained on.
+paired intervals over held-out chunks, are on text the student never trained on; with
+report tasks, their scores before and after are compared with paired intervals over
+documents (`prune.heal_measure`).
 
 Long runs: a tqdm bar shows the loss; the trainable weights, the optimizer and the RNG
 states are saved every `checkpoint_every` steps and on Ctrl-C into a work folder beside
-the output (`.OUT.heal-state/`), and `resume=True` continues from there. The data order is
-a pure function of the seed and the step, so a resumed run equals an uninterrupted one.
+the output (`prune.heal_state`), and `resume=True` continues from there. The data order is
+a pure function of the seed and the step (`prune.heal_data`), so a resumed run equals an
+uninterrupted one.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-import random
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from prune.atomic import atomic_path
 from prune.defaults import (
     CALIBRATION_SEQ_LEN,
+    EXPORT_DTYPES,
     HEAL_BATCH_SIZE,
     HEAL_CHECKPOINT_EVERY,
-    HEAL_HELDOUT_SHARE,
     HEAL_LEARNING_RATES,
     HEAL_LORA_RANK,
     HEAL_METHODS,
@@ -50,14 +49,43 @@ from prune.defaults import (
 )
 from prune.errors import PruneError
 from prune.export import PRUNE_JSON, check_output_dir
+from prune.heal_data import batch_rows, chunk_tokens, learning_rate, split_texts
+from prune.heal_measure import (
+    compare_heldout,
+    compare_tasks,
+    distillation_loss,
+    heldout_scores,
+    loss_summary,
+    task_outcomes,
+)
+from prune.heal_state import (
+    STATE_FILE,
+    Progress,
+    load_state,
+    prepare_state_dir,
+    rng_state,
+    save_state,
+    set_rng_state,
+    state_dir_for,
+    trainable_state,
+)
 from prune.models import pruned_record
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
-WARMUP_SHARE = 0.05  # of the steps, linear warm-up before a cosine decay to MIN_LR_SHARE
-MIN_LR_SHARE = 0.1
 MAX_GRAD_NORM = 1.0
+
+__all__ = [
+    "HealResult",
+    "HealSettings",
+    "adjacent_blocks",
+    "batch_rows",
+    "chunk_tokens",
+    "heal_variant",
+    "heldout_scores",
+    "split_texts",
+    "state_dir_for",
+]
 
 
 @dataclass(frozen=True)
@@ -105,22 +133,6 @@ class HealResult:
 
     out: Path
     healing: dict[str, Any]
-
-
-@dataclass
-class _Progress:
-    """The training state saved in checkpoints (besides weights and optimizer)."""
-
-    step: int = 0
-    losses: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    rng: dict[str, Any] = field(default_factory=dict)
-
-
-def state_dir_for(out: Path) -> Path:
-    """The work folder beside `out` where checkpoints of an unfinished heal live."""
-    out = Path(out)
-    return out.absolute().parent / f".{out.name}.heal-state"
 
 
 # --- teacher and blocks ------------------------------------------------------------
@@ -188,156 +200,6 @@ def check_vocabularies(teacher: Any, student: Any, teacher_spec: str) -> None:
             )
 
 
-# --- data --------------------------------------------------------------------------
-
-
-def split_texts(
-    texts: Sequence[str], seed: int, share: float = HEAL_HELDOUT_SHARE
-) -> tuple[list[str], list[str]]:
-    """(train, held-out) texts: a seeded `share` of the texts (at least one) is held out."""
-    if len(texts) < 2:
-        raise PruneError(
-            f"healing needs at least 2 calibration texts (one to train on, one held out); "
-            f"got {len(texts)} (raise --samples or use a longer --calibration source)"
-        )
-    order = random.Random(seed).sample(range(len(texts)), len(texts))
-    held = max(1, round(len(texts) * share))
-    return [texts[i] for i in sorted(order[:-held])], [texts[i] for i in sorted(order[-held:])]
-
-
-def chunk_tokens(tokenizer: Any, texts: Sequence[str], seq_len: int) -> Any:
-    """The texts' tokens (each followed by EOS) cut into (N, seq_len) chunks; a stream
-    shorter than one chunk is one shorter chunk, the tail of a longer one is dropped."""
-    import torch
-
-    ids: list[int] = []
-    for text in texts:
-        ids.extend(tokenizer(text, verbose=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-    if len(ids) < 2:
-        raise PruneError("calibration texts produced fewer than 2 tokens")
-    if len(ids) < seq_len:
-        return torch.tensor([ids])
-    count = len(ids) // seq_len
-    return torch.tensor(ids[: count * seq_len]).view(count, seq_len)
-
-
-@functools.lru_cache(maxsize=8)
-def _permutation(size: int, seed: int, epoch: int) -> tuple[int, ...]:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(size, generator=generator).tolist())
-
-
-def batch_rows(size: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Chunk indices of micro-batch `index`: the chunks in seeded per-epoch orders, read in
-    turn (a pure function, so a resumed run reads what an uninterrupted one would)."""
-    rows = []
-    for position in range(index * batch_size, (index + 1) * batch_size):
-        epoch, offset = divmod(position, size)
-        rows.append(_permutation(size, seed, epoch)[offset])
-    return rows
-
-
-def learning_rate(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over WARMUP_SHARE of the steps, then cosine decay to MIN_LR_SHARE."""
-    warmup = max(1, round(steps * WARMUP_SHARE))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (MIN_LR_SHARE + (1 - MIN_LR_SHARE) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-# --- loss and evaluation -----------------------------------------------------------
-
-
-def distillation_loss(student_logits: Any, teacher_logits: Any, input_ids: Any, lm_weight: float):
-    """KL(teacher || student) of the next-token distributions, mean over tokens (temperature
-    1), plus `lm_weight` x the next-token cross-entropy. Logits are (B, T, V), ids (B, T)."""
-    import torch.nn.functional as F
-
-    log_s = F.log_softmax(student_logits.float(), dim=-1)  # (B, T, V)
-    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
-    loss = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean()
-    if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(
-            log_s[:, :-1].flatten(0, 1), input_ids[:, 1:].flatten()
-        )
-    return loss
-
-
-def heldout_scores(
-    student: Any, teacher: Any, chunks: Any, batch_size: int, device: Any
-) -> dict[str, list[float]]:
-    """Per held-out chunk: the mean KL(teacher || student) per token, and the mean
-    next-token negative log-likelihood of the student and of the teacher."""
-    import torch
-    import torch.nn.functional as F
-
-    scores: dict[str, list[float]] = {"kl": [], "nll": [], "teacher_nll": []}
-    was_training = student.training
-    student.eval()
-    with torch.no_grad():
-        for start in range(0, len(chunks), batch_size):
-            ids = chunks[start : start + batch_size].to(device)  # (B, T)
-            log_s = F.log_softmax(student(input_ids=ids).logits.float(), dim=-1)  # (B, T, V)
-            log_t = F.log_softmax(teacher(input_ids=ids).logits.float(), dim=-1)
-            kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # (B, T)
-            target = ids[:, 1:].unsqueeze(-1)  # (B, T-1, 1)
-            nll = -log_s[:, :-1].gather(-1, target).squeeze(-1)  # (B, T-1)
-            teacher_nll = -log_t[:, :-1].gather(-1, target).squeeze(-1)
-            scores["kl"] += kl.mean(-1).tolist()
-            scores["nll"] += nll.mean(-1).tolist()
-            scores["teacher_nll"] += teacher_nll.mean(-1).tolist()
-    student.train(was_training)
-    return scores
-
-
-def compare_heldout(before: Mapping[str, list], after: Mapping[str, list], seed: int) -> dict:
-    """Before/after held-out figures with paired 95% intervals over held-out chunks: the
-    KL change, and the perplexity ratio after/before (exp of the mean NLL change)."""
-    from prune.stats import paired_difference
-
-    def paired(name: str):
-        def side(values):
-            return {"heldout": dict(enumerate(values))}
-
-        return paired_difference(side(after[name]), side(before[name]), seed=seed)
-
-    def mean(values):
-        return sum(values) / len(values)
-
-    kl, nll = paired("kl"), paired("nll")
-    return {
-        "chunks": len(before["kl"]),
-        "kl_before": mean(before["kl"]),
-        "kl_after": mean(after["kl"]),
-        "kl_change": kl.to_dict(),
-        "perplexity_before": math.exp(mean(before["nll"])),
-        "perplexity_after": math.exp(mean(after["nll"])),
-        "perplexity_ratio": math.exp(nll.diff),
-        "perplexity_ratio_ci95": [math.exp(nll.ci95[0]), math.exp(nll.ci95[1])],
-        "teacher_perplexity": math.exp(mean(before["teacher_nll"])),
-    }
-
-
-def loss_summary(losses: Sequence[float], points: int = 10) -> dict[str, Any]:
-    """The loss curve in `points` windows of steps (mean loss of each), first and last."""
-    size = max(1, math.ceil(len(losses) / points))
-    curve = [
-        {"steps": [start + 1, min(start + size, len(losses))], "loss": sum(w) / len(w)}
-        for start in range(0, len(losses), size)
-        if (w := losses[start : start + size])
-    ]
-    return {
-        "first": losses[0] if losses else None,
-        "last": losses[-1] if losses else None,
-        "curve": curve,
-    }
-
-
 # --- trainable parameters ----------------------------------------------------------
 
 
@@ -383,78 +245,7 @@ def make_trainable(model: Any, method: str, blocks: Sequence[int] | None, lora_r
     return model
 
 
-def trainable_state(model: Any) -> dict[str, Any]:
-    """Copies of the parameters that train, by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["cpu"])
-    if (
-        "cuda" in state
-        and torch.cuda.is_available()
-        and len(state["cuda"]) == len(torch.cuda.get_rng_state_all())
-    ):
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --- the run ------------------------------------------------------------------------
-
-
-def _prepare_state_dir(state_dir: Path, resume: bool, overwrite: bool) -> None:
-    state = state_dir / STATE_FILE
-    if resume and not state.is_file():
-        raise PruneError(f"nothing to resume: no saved healing state in '{state_dir}'")
-    if not resume and state_dir.exists():
-        if not overwrite:
-            raise PruneError(
-                f"an unfinished heal left its state in '{state_dir}' (pass --resume to "
-                "continue it, or --overwrite to start again)"
-            )
-        shutil.rmtree(state_dir)
-
-
-def _load_state(state_dir: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    import torch
-
-    try:
-        saved = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for damaged files
-        raise PruneError(
-            f"cannot read the saved healing state '{state_dir / STATE_FILE}': {exc} "
-            "(pass --overwrite instead of --resume to start again)"
-        ) from exc
-    differing = [
-        f"{k} {saved['settings'].get(k)!r} -> {v!r}"
-        for k, v in fingerprint.items()
-        if saved["settings"].get(k) != v
-    ]
-    if differing:
-        raise PruneError(
-            "--resume needs the settings of the interrupted run; these differ: "
-            + ", ".join(differing)
-            + " (pass --overwrite instead of --resume to start again)"
-        )
-    return saved
-
-
-def _save_state(state_dir: Path, payload: Mapping[str, Any]) -> None:
-    import torch
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(state_dir / STATE_FILE) as tmp:
-        torch.save(dict(payload), tmp)
 
 
 def heal_variant(
@@ -463,6 +254,9 @@ def heal_variant(
     *,
     teacher: str | None = None,
     settings: HealSettings = HealSettings(),
+    report: Any | None = None,
+    engine: str = "auto",
+    export_dtype: str = "auto",
     device: str = "auto",
     data_dir: str | None = None,
     checkpoint_every: int = HEAL_CHECKPOINT_EVERY,
@@ -479,6 +273,11 @@ def heal_variant(
         out: the healed checkpoint folder (same block count, prune.json with `healing`).
         teacher: any `load_model` spec; default the model the variant was pruned from.
         settings: what decides the healed weights (see `HealSettings`).
+        report: `EvalSettings` of report tasks scored before and after healing (paired
+            over documents); None scores none.
+        engine: the evaluation engine for `report` ("auto", "fast", "lm-eval").
+        export_dtype: the dtype written; "auto": `settings.dtype` when it is not "auto"
+            (as `prune drop` does), else the variant's checkpoint dtype.
         device: where both models run.
         data_dir: benchmark data folder, for the default calibration text.
         checkpoint_every: save a resumable state every N steps (0: only on Ctrl-C).
@@ -492,7 +291,6 @@ def heal_variant(
         KeyboardInterrupt: Ctrl-C, after saving a resumable state; its message says so.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from prune.calibration import load_calibration
     from prune.models import load_model, require_tokenizer
@@ -501,17 +299,13 @@ def heal_variant(
     settings.check()
     if checkpoint_every < 0:
         raise PruneError(f"checkpoint_every {checkpoint_every} (accepted: an integer >= 0)")
+    if export_dtype != "auto" and export_dtype not in EXPORT_DTYPES:
+        raise PruneError(
+            f"unknown export dtype '{export_dtype}' (accepted: auto, {', '.join(EXPORT_DTYPES)})"
+        )
     variant, out = Path(variant), Path(out)
     record = pruned_record(variant)
-    if teacher is None:
-        if record is None:
-            raise PruneError(
-                f"'{variant}' has no {PRUNE_JSON}, so the model it was pruned from is unknown "
-                "(pass --teacher MODEL)"
-            )
-        teacher = recorded_teacher(record)
-        if teacher is None:
-            raise PruneError(f"{variant / PRUNE_JSON} names no source model (pass --teacher MODEL)")
+    teacher = teacher or _default_teacher(variant, record)
     if settings.method == "adjacent" and record is None:
         raise PruneError(
             f"--method adjacent needs the removed blocks from {variant / PRUNE_JSON}, "
@@ -519,7 +313,7 @@ def heal_variant(
         )
     check_output_dir(out, overwrite)
     state_dir = state_dir_for(out)
-    _prepare_state_dir(state_dir, resume, overwrite)
+    prepare_state_dir(state_dir, resume, overwrite)
     texts = load_calibration(settings.calibration, samples=settings.samples, data_dir=data_dir)
     train_texts, heldout_texts = split_texts(texts, settings.seed)
 
@@ -528,26 +322,33 @@ def heal_variant(
     check_vocabularies(mentor, student, teacher)
     tokenizer = student.tokenizer or require_tokenizer(mentor, "healing")
     num_blocks = count_layers(student.model)
-    blocks = None
-    if settings.method == "adjacent":
-        removed = record.get("removed_layers_original", record.get("removed_layers")) or []
-        depth = record.get("num_layers_original", record.get("num_layers_before"))
-        blocks = adjacent_blocks(removed, depth, num_blocks)
-        if not blocks:
-            raise PruneError(f"{variant / PRUNE_JSON} records no removed blocks to heal beside")
+    blocks = _trained_blocks(variant, record, num_blocks) if settings.method == "adjacent" else None
     train = chunk_tokens(tokenizer, train_texts, settings.seq_len)  # (N, T)
     heldout = chunk_tokens(tokenizer, heldout_texts, settings.seq_len)  # (M, T)
     teacher_model = mentor.model.requires_grad_(False).eval()
     dev = next(student.model.parameters()).device
+    fingerprint = {
+        **asdict(settings),
+        "teacher": teacher,
+        "variant": str(variant.resolve()),
+        "report": None if report is None else _report_key(report),
+    }
+    saved = load_state(state_dir, fingerprint) if resume else None
+    if saved is not None:
+        before, tasks_before = saved["before"], saved["tasks_before"]
+    else:
+        started = time.perf_counter()
+        before = heldout_scores(student.model, teacher_model, heldout, settings.batch_size, dev)
+        tasks_before = (
+            task_outcomes(student.model.eval(), tokenizer, report, engine) if report else None
+        )
+        seconds = time.perf_counter() - started
 
     torch.manual_seed(settings.seed)  # LoRA's initial A matrices, dropout
     model = make_trainable(student.model, settings.method, blocks, settings.lora_rank)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    fingerprint = {**asdict(settings), "teacher": teacher, "variant": str(variant.resolve())}
-
-    if resume:
-        saved = _load_state(state_dir, fingerprint)
+    if saved is not None:
         unexpected = model.load_state_dict(saved["trainable"], strict=False).unexpected_keys
         if unexpected or set(saved["trainable"]) != set(trainable_state(model)):
             raise PruneError(
@@ -555,17 +356,14 @@ def heal_variant(
                 "(pass --overwrite instead of --resume to start again)"
             )
         optimizer.load_state_dict(saved["optimizer"])
-        state = _Progress(saved["step"], list(saved["losses"]), saved["seconds"], saved["rng"])
-        _set_rng_state(state.rng)
-        before = saved["before"]
+        state = Progress(saved["step"], list(saved["losses"]), saved["seconds"], saved["rng"])
+        set_rng_state(state.rng)
         log.info("resuming at step %d of %d from %s", state.step, settings.steps, state_dir)
     else:
-        started = time.perf_counter()
-        before = heldout_scores(model, teacher_model, heldout, settings.batch_size, dev)
-        state = _Progress(seconds=time.perf_counter() - started, rng=_rng_state())
+        state = Progress(seconds=seconds, rng=rng_state())
 
     def save() -> None:
-        _save_state(
+        save_state(
             state_dir,
             {
                 "settings": fingerprint,
@@ -576,8 +374,121 @@ def heal_variant(
                 "trainable": trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "before": before,
+                "tasks_before": tasks_before,
             },
         )
+
+    _train(
+        model, teacher_model, optimizer, params, train, settings, state, dev,
+        save=save, state_dir=state_dir, checkpoint_every=checkpoint_every,
+        progress=progress, on_step=on_step,
+    )  # fmt: skip
+
+    started = time.perf_counter()
+    if settings.method == "lora":
+        model = model.merge_and_unload()  # plain transformers modules with merged weights
+    model.eval()
+    model.requires_grad_(False)
+    after = heldout_scores(model, teacher_model, heldout, settings.batch_size, dev)
+    tasks = None
+    if report is not None:
+        tasks_after = task_outcomes(model, tokenizer, report, engine)
+        tasks = compare_tasks(tasks_before, tasks_after, report, settings.seed)
+    healing = {
+        "method": settings.method,
+        "teacher": teacher,
+        "steps": settings.steps,
+        "lr": settings.learning_rate,
+        "batch_size": settings.batch_size,
+        "grad_accum": settings.grad_accum,
+        "seq_len": settings.seq_len,
+        "lm_weight": settings.lm_weight,
+        **({"lora_rank": settings.lora_rank} if settings.method == "lora" else {}),
+        **({"blocks": blocks} if blocks is not None else {}),
+        "calibration": settings.calibration or "lambada_openai (local)",
+        "samples": len(texts),
+        "train_texts": len(train_texts),
+        "train_chunks": len(train),
+        "heldout_texts": len(heldout_texts),
+        "seed": settings.seed,
+        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "loss": loss_summary(state.losses),
+        "heldout": compare_heldout(before, after, settings.seed),
+        **({"tasks": tasks} if tasks is not None else {}),
+        "seconds": round(state.seconds + time.perf_counter() - started, 1),
+    }
+    target = export_dtype if export_dtype != "auto" else settings.dtype
+    if target == "auto":
+        target = _checkpoint_dtype(student)
+    if target is not None:
+        model.to(getattr(torch, target))  # floating tensors only
+    healing["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    _export(student, model, variant, out, record, healing, num_blocks, overwrite)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return HealResult(out, healing)
+
+
+def _default_teacher(variant: Path, record: Mapping[str, Any] | None) -> str:
+    """The model the variant's prune.json says its cut started from; PruneError if none."""
+    if record is None:
+        raise PruneError(
+            f"'{variant}' has no {PRUNE_JSON}, so the model it was pruned from is unknown "
+            "(pass --teacher MODEL)"
+        )
+    teacher = recorded_teacher(record)
+    if teacher is None:
+        raise PruneError(f"{variant / PRUNE_JSON} names no source model (pass --teacher MODEL)")
+    return teacher
+
+
+def _trained_blocks(variant: Path, record: Mapping[str, Any], num_blocks: int) -> list[int]:
+    """The adjacent method's blocks, from the removed blocks prune.json records."""
+    removed = record.get("removed_layers_original", record.get("removed_layers")) or []
+    depth = record.get("num_layers_original", record.get("num_layers_before"))
+    blocks = adjacent_blocks(removed, depth, num_blocks)
+    if not blocks:
+        raise PruneError(f"{variant / PRUNE_JSON} records no removed blocks to heal beside")
+    return blocks
+
+
+def _report_key(report: Any) -> dict[str, Any]:
+    """The report settings that decide its scores (part of a resumable state's fingerprint)."""
+    return {
+        "tasks": list(report.tasks),
+        "limit": report.limit,
+        "num_fewshot": report.num_fewshot,
+        "metric": report.task_metric,
+    }
+
+
+def _checkpoint_dtype(loaded: Any) -> str | None:
+    """The dtype the variant's checkpoint declares, or None (then the compute dtype stays)."""
+    from prune.streaming import source_dtype
+
+    return source_dtype(loaded)
+
+
+def _train(
+    model: Any,
+    teacher: Any,
+    optimizer: Any,
+    params: list[Any],
+    train: Any,
+    settings: HealSettings,
+    state: Progress,
+    device: Any,
+    *,
+    save: Callable[[], None],
+    state_dir: Path,
+    checkpoint_every: int,
+    progress: bool,
+    on_step: Callable[[int, float], None] | None,
+) -> None:
+    """Optimizer steps from `state.step` to `settings.steps`, updating `state`; a checkpoint
+    every `checkpoint_every` steps and at the end (when checkpointing at all), and on Ctrl-C
+    unless the weights are half updated (then the last checkpoint stands)."""
+    import torch
+    from tqdm.auto import tqdm
 
     model.train()
     updating = False
@@ -589,15 +500,11 @@ def heal_variant(
         while state.step < settings.steps:
             step_loss = 0.0
             for micro in range(settings.grad_accum):
-                rows = batch_rows(
-                    len(train),
-                    settings.batch_size,
-                    settings.seed,
-                    state.step * settings.grad_accum + micro,
-                )
-                ids = train[rows].to(dev)  # (B, T)
+                index = state.step * settings.grad_accum + micro
+                rows = batch_rows(len(train), settings.batch_size, settings.seed, index)
+                ids = train[rows].to(device)  # (B, T)
                 with torch.no_grad():
-                    target = teacher_model(input_ids=ids).logits  # (B, T, V)
+                    target = teacher(input_ids=ids).logits  # (B, T, V)
                 loss = distillation_loss(
                     model(input_ids=ids).logits, target, ids, settings.lm_weight
                 )
@@ -612,19 +519,16 @@ def heal_variant(
             updating = False
             state.step += 1
             state.losses.append(step_loss)
-            state.rng = _rng_state()
+            state.rng = rng_state()
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             if on_step is not None:
                 on_step(state.step, step_loss)
-            if (
-                checkpoint_every
-                and state.step % checkpoint_every == 0
-                and state.step < settings.steps
-            ):
-                state.seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                save()
+            if checkpoint_every and state.step % checkpoint_every == 0:
+                if state.step < settings.steps:
+                    state.seconds += time.perf_counter() - started
+                    started = time.perf_counter()
+                    save()
     except KeyboardInterrupt as exc:
         bar.close()
         state.seconds += time.perf_counter() - started
@@ -645,38 +549,6 @@ def heal_variant(
     state.seconds += time.perf_counter() - started
     if checkpoint_every:  # a Ctrl-C during evaluation or export then resumes right here
         save()
-
-    started = time.perf_counter()
-    if settings.method == "lora":
-        model = model.merge_and_unload()  # plain transformers modules with merged weights
-    model.eval()
-    model.requires_grad_(False)
-    after = heldout_scores(model, teacher_model, heldout, settings.batch_size, dev)
-    healing = {
-        "method": settings.method,
-        "teacher": teacher,
-        "steps": settings.steps,
-        "lr": settings.learning_rate,
-        "batch_size": settings.batch_size,
-        "grad_accum": settings.grad_accum,
-        "seq_len": settings.seq_len,
-        "lm_weight": settings.lm_weight,
-        **({"lora_rank": settings.lora_rank} if settings.method == "lora" else {}),
-        **({"blocks": blocks} if blocks is not None else {}),
-        "calibration": settings.calibration or "lambada_openai (local)",
-        "samples": len(texts),
-        "train_texts": len(train_texts),
-        "train_chunks": len(train),
-        "heldout_texts": len(heldout_texts),
-        "seed": settings.seed,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "loss": loss_summary(state.losses),
-        "heldout": compare_heldout(before, after, settings.seed),
-        "seconds": round(state.seconds + time.perf_counter() - started, 1),
-    }
-    _export(student, model, variant, out, record, healing, num_blocks, overwrite)
-    shutil.rmtree(state_dir, ignore_errors=True)
-    return HealResult(out, healing)
 
 
 def _export(

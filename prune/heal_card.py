@@ -57,6 +57,7 @@ def render_healing_section(healing: Mapping[str, Any], variant: str) -> str:
         f"| perplexity | {_fmt(h['perplexity_before'], 2)} | {_fmt(h['perplexity_after'], 2)} | "
         f"x{h['perplexity_ratio']:.3f} [x{r_lo:.3f}, x{r_hi:.3f}] |",
         "",
+        *_task_lines(healing.get("tasks")),
         f"The teacher's perplexity on the same text: {_fmt(h['teacher_perplexity'], 2)}. "
         f"Training loss {healing['loss']['first']:.4f} at the first step, "
         f"{healing['loss']['last']:.4f} at the last; {healing['seconds']:.0f} s in all.",
@@ -68,6 +69,37 @@ def render_healing_section(healing: Mapping[str, Any], variant: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _task_lines(tasks: Mapping[str, Any] | None) -> list[str]:
+    """Report-task scores before and after healing, with the paired interval of the mean."""
+    if not tasks:
+        return ["Report tasks were not scored (`prune heal --tasks none`).", ""]
+    change = tasks["change"]
+    lo, hi = change["ci95"]
+    verdict = (
+        "a distinguishable change"
+        if tasks["distinguishable"]
+        else "not distinguishable from no change"
+    )
+    limit = f"first {tasks['limit']} documents" if tasks.get("limit") else "all documents"
+    lines = [
+        f"Report tasks ({limit}, {tasks['num_fewshot']}-shot), before and after healing; the "
+        "interval of the mean is paired over documents:",
+        "",
+        "| task | metric | before healing | after healing |",
+        "|---|---|---:|---:|",
+    ]
+    for task, row in tasks["scores"].items():
+        lines.append(f"| {task} | {row['metric']} | {row['before']:.3f} | {row['after']:.3f} |")
+    lines += [
+        f"| **mean** | | **{tasks['mean_before']:.3f}** | **{tasks['mean_after']:.3f}** |",
+        "",
+        f"Change of the mean: {change['diff']:+.3f} (95% interval {lo:+.3f} to {hi:+.3f}, "
+        f"{change['documents']} documents): {verdict}.",
+        "",
+    ]
+    return lines
 
 
 def _split_sections(body: str) -> list[str]:

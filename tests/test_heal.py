@@ -12,6 +12,7 @@ from tiny import save_tiny_checkpoint
 
 from prune.card import parse_front_matter
 from prune.cli import cli
+from prune.errors import PruneError
 from prune.heal import (
     HealSettings,
     adjacent_blocks,
@@ -190,7 +191,18 @@ def test_periodic_checkpoint_resumes(variant, calibration, tmp_path):
 
 def test_cli_heals_and_reports(variant, calibration, tmp_path):
     out = tmp_path / "healed"
-    args = ["heal", str(variant), "--out", str(out), "--steps", "4", "--seq-len", "32"]
+    args = [
+        "heal",
+        str(variant),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--tasks",
+        "none",
+    ]
     args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
     result = CliRunner().invoke(cli, ["-q", *args])
     assert result.exit_code == 0, result.output
@@ -212,7 +224,19 @@ def test_cli_interrupt_names_resume(variant, calibration, tmp_path, monkeypatch)
 
     monkeypatch.setattr(heal, "distillation_loss", interrupt_third)
     out = tmp_path / "healed"
-    args = ["-q", "heal", str(variant), "--out", str(out), "--steps", "4", "--seq-len", "32"]
+    args = [
+        "-q",
+        "heal",
+        str(variant),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--seq-len",
+        "32",
+        "--tasks",
+        "none",
+    ]
     args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 130
@@ -304,3 +328,86 @@ def test_finished_training_is_saved_before_export(variant, calibration, tmp_path
         on_step=lambda s, _: steps.append(s),
     )
     assert steps == [] and len(result.healing["loss"]["curve"]) == 6
+
+
+def test_report_tasks_scored_before_and_after(variant, calibration, tmp_path, data_dir):
+    """The before/after report scores are those of the variant and of the healed folder,
+    and their change is the paired difference over the same documents."""
+    from prune.evaluate.removals import evaluate
+    from prune.evaluate.settings import EvalSettings
+    from prune.models import load_model
+
+    report = EvalSettings(tasks=("local_copa",), limit=16, data_dir=str(data_dir))
+    out = tmp_path / "healed"
+    result = heal_variant(
+        variant,
+        out,
+        settings=_settings("lora", calibration=str(calibration), steps=4),
+        report=report,
+        device="cpu",
+        progress=False,
+    )
+    tasks = result.healing["tasks"]
+
+    def score(folder):
+        loaded = load_model(str(folder), device="cpu")
+        return evaluate(loaded.model.eval(), loaded.tokenizer, report)["local_copa"]
+
+    before, after = score(variant), score(out)
+    row = tasks["scores"]["local_copa"]
+    assert row["before"] == pytest.approx(before.value)
+    assert row["after"] == pytest.approx(after.value)
+    assert row["documents"] == 16
+    per_doc = [
+        after.outcomes.metric(after.metric)[d] - before.outcomes.metric(before.metric)[d]
+        for d in before.outcomes.doc_ids
+    ]
+    assert tasks["change"]["diff"] == pytest.approx(sum(per_doc) / len(per_doc))
+    lo, hi = tasks["change"]["ci95"]
+    assert lo <= tasks["change"]["diff"] <= hi
+    assert tasks["distinguishable"] == (lo > 0 or hi < 0)
+    record = json.loads((out / "prune.json").read_text())
+    assert record["healing"]["tasks"]["scores"]["local_copa"]["documents"] == 16
+    card = (out / "README.md").read_text()
+    assert "| local_copa | acc |" in card and "Change of the mean" in card
+
+
+def test_resume_refuses_other_report_tasks(variant, calibration, tmp_path, data_dir):
+    from prune.evaluate.settings import EvalSettings
+
+    out = tmp_path / "healed"
+
+    def stop_at_two(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    settings = _settings("lora", calibration=str(calibration), steps=4)
+    report = EvalSettings(tasks=("local_copa",), limit=8, data_dir=str(data_dir))
+    with pytest.raises(KeyboardInterrupt):
+        heal_variant(
+            variant, out, settings=settings, report=report, device="cpu", progress=False,
+            on_step=stop_at_two,
+        )  # fmt: skip
+    other = EvalSettings(tasks=("local_copa",), limit=4, data_dir=str(data_dir))
+    with pytest.raises(PruneError, match="report"):
+        heal_variant(
+            variant, out, settings=settings, report=other, device="cpu", progress=False,
+            resume=True,
+        )  # fmt: skip
+    done = heal_variant(
+        variant, out, settings=settings, report=report, device="cpu", progress=False, resume=True
+    )
+    assert done.healing["tasks"]["scores"]["local_copa"]["documents"] == 8
+
+
+def test_export_dtype_is_separate_from_the_compute_dtype(variant, calibration, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "healed"
+    args = ["-q", "heal", str(variant), "--out", str(out), "--steps", "2", "--seq-len", "32"]
+    args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--tasks", "none", "--export-dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    healing = json.loads((out / "prune.json").read_text())["healing"]
+    assert healing["compute_dtype"] == "float32" and healing["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16

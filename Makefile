@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming bench-gpu bench-iterative study clean
+.PHONY: help install test test-fast lint demo bench bench-adaptive bench-streaming bench-gpu bench-iterative bench-heal study clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,14 @@ endif
 
 bench-iterative: $(STAMP) ## iterative schedule vs one-shot: time, evaluations, removal sets (ITERATIVE_ARGS="--limit 50")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/bench_iterative.py $(ITERATIVE_ARGS)
+
+HEAL_OUT ?= bench-out/heal
+HEAL_LAYERS ?= 12,13,17,18,19,26
+HEAL_ARGS ?= --steps 300 --batch-size 4 --seq-len 128 --limit 500
+bench-heal: $(STAMP) ## heal the demo's kl variant of SmolLM2 (HEAL_LAYERS removed): held-out perplexity, report tasks, time, peak memory (HEAL_ARGS="--steps 300 --limit 500")
+	HF_HUB_OFFLINE=1 $(BIN)/prune -q drop smollm2-135m --layers $(HEAL_LAYERS) --out $(HEAL_OUT)/pruned --overwrite
+	HF_HUB_OFFLINE=1 /usr/bin/time -v -o $(HEAL_OUT)/time.txt $(BIN)/prune heal $(HEAL_OUT)/pruned --out $(HEAL_OUT)/healed --overwrite $(HEAL_ARGS)
+	@grep -E "Elapsed|Maximum resident" $(HEAL_OUT)/time.txt
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

@@ -100,12 +100,24 @@ def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dic
     variant = comparison["strategies"][strategy]
     evaluation = comparison["evaluation"]
     meta = base_metadata(comparison["model"], [f"{_measure_of(comparison, strategy)}-ranking"])
+    results = model_index_results(
+        variant["final"]["scores"], evaluation.get("metrics", {}), evaluation.get("num_fewshot")
+    )
+    if results:
+        meta["model-index"] = [{"name": name, "results": results}]
+    return meta
+
+
+def model_index_results(
+    scores: Mapping[str, float], metrics: Mapping[str, str], num_fewshot: int | None
+) -> list[dict[str, Any]]:
+    """The Hub's model-index `results`: one per task, its score under its metric."""
     results = []
-    for task, value in variant["final"]["scores"].items():
-        metric = evaluation.get("metrics", {}).get(task, "acc")
+    for task, value in scores.items():
+        metric = metrics.get(task, "acc")
         dataset = _dataset(task)
-        if evaluation.get("num_fewshot") is not None:
-            dataset["args"] = {"num_few_shot": evaluation["num_fewshot"]}
+        if num_fewshot is not None:
+            dataset["args"] = {"num_few_shot": num_fewshot}
         results.append(
             {
                 "task": {"type": "text-generation", "name": "Text Generation"},
@@ -124,9 +136,7 @@ def front_matter(comparison: Mapping[str, Any], strategy: str, name: str) -> dic
                 },
             }
         )
-    if results:
-        meta["model-index"] = [{"name": name, "results": results}]
-    return meta
+    return results
 
 
 def _removed_table(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
@@ -265,6 +275,91 @@ def _paired_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[s
     return lines + [""]
 
 
+def _healing_what(healing: Mapping[str, Any]) -> str:
+    """What a heal trained, in a few words (from prune.json's `healing`)."""
+    method = healing.get("method")
+    if method == "lora":
+        return f"LoRA adapters of rank {healing.get('lora_rank')} (merged into the weights)"
+    if method == "adjacent":
+        return "the blocks beside each cut"
+    return "every block" if method == "full" else str(method)
+
+
+def _healing_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """Raw and healed variants side by side: scores, paired differences (healing decides
+    nothing unless the healed - raw interval excludes zero) and the held-out figures."""
+    strategies = comparison["strategies"]
+    names = [n for n in order if strategies[n].get("healed")]
+    if not names:
+        return []
+    healing = strategies[names[0]]["healed"]["healing"]
+    base = comparison["baseline"]
+    metrics = comparison["evaluation"].get("metrics", {})
+    lines = [
+        "## Healed variants",  # not "## Healing": a healed folder's card has its own (heal_card)
+        "",
+        f"The recipe's `heal:` section healed every variant after pruning, as `prune heal` "
+        f"does: {_healing_what(healing)} trained for {healing.get('steps')} steps (learning "
+        f"rate {healing.get('lr', 0):g}) to match the next-token distributions of "
+        f"`{healing.get('teacher')}` on {healing.get('train_texts')} texts of "
+        f"{healing.get('calibration')}. The healed checkpoints are `variants/<name>-healed`, "
+        "scored on the same reporting tasks and documents as the raw variants:",
+        "",
+        "| task | metric | base |" + "".join(f" {n} | {n} healed |" for n in names),
+        "|---|---|---|" + "---|---|" * len(names),
+    ]
+    for task in [*base["scores"], "mean"]:
+        if task == "mean":
+            row = f"| **mean** | | {_num(base['mean'])} |"
+        else:
+            row = f"| {task} | {metrics.get(task, 'acc')} | {_num(base['scores'][task])} |"
+        for name in names:
+            raw, healed = strategies[name]["final"], strategies[name]["healed"]["final"]
+            if task == "mean":
+                row += f" {_num(raw['mean'])} | {_num(healed['mean'])} |"
+            else:
+                row += f" {_num(raw['scores'].get(task))} | {_num(healed['scores'].get(task))} |"
+        lines.append(row)
+    paired = comparison.get("paired") or {}
+    lines += [
+        "",
+        "Paired differences on the same documents (mean over tasks of the per-document "
+        "differences, 95% bootstrap interval); a change within its interval is not "
+        "distinguishable from none:",
+        "",
+        "| variant | raw vs base | healed vs base | healed vs raw | healing |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        healed = strategies[name]["healed"]
+        decided = healed.get("verdict", "").split(":", 1)[0]
+        lines.append(
+            f"| {name} | {_interval((paired.get(name) or {}).get('vs_base'))} | "
+            f"{_interval(healed.get('vs_base'))} | {_interval(healed.get('vs_raw'))} | "
+            f"{decided} |"
+        )
+    lines += [
+        "",
+        "On held-out calibration text the heal never trained on (paired over held-out chunks):",
+        "",
+        "| variant | KL to the teacher before | after | change (95% interval) | perplexity before | after | ratio (95% interval) |",
+        "|---|---:|---:|---|---:|---:|---|",
+    ]
+    for name in names:
+        h = strategies[name]["healed"]["healing"].get("heldout") or {}
+        if not h:
+            lines.append(f"| {name} | n/a | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        r_lo, r_hi = h["perplexity_ratio_ci95"]
+        lines.append(
+            f"| {name} | {_num(h['kl_before'])} | {_num(h['kl_after'])} | "
+            f"{_interval(h['kl_change'])} | {_num(h['perplexity_before'], 2)} | "
+            f"{_num(h['perplexity_after'], 2)} | x{h['perplexity_ratio']:.3f} "
+            f"[x{r_lo:.3f}, x{r_hi:.3f}] |"
+        )
+    return lines + [""]
+
+
 def _stability_lines(comparison: Mapping[str, Any], order: Sequence[str]) -> list[str]:
     """How stable each ranking's removal set is when the documents are resampled."""
     stable = comparison.get("stability") or {}
@@ -319,7 +414,8 @@ def comparison_sections(
     comparison: Mapping[str, Any], order: Sequence[str], figure: str | None
 ) -> list[str]:
     """The sections every card and comparison.md share: removed layers, scores, scores by depth,
-    warnings, agreement between the rankings and the figure (lines, ending with a blank one)."""
+    paired differences, stability, healing (when the recipe heals), warnings, agreement between
+    the rankings and the figure (lines, ending with a blank one)."""
     ev = comparison["evaluation"]
     limit = f", first {ev['limit']} documents per task" if ev.get("limit") else ""
     out = [
@@ -343,6 +439,7 @@ def comparison_sections(
     ]
     out += _paired_lines(comparison, order)
     out += _stability_lines(comparison, order)
+    out += _healing_lines(comparison, order)
     if comparison.get("warnings"):
         out += ["> " + w for w in comparison["warnings"]] + [""]
     corr = _correlation_lines(comparison)
@@ -407,6 +504,31 @@ def _usage_section(
     ]
 
 
+def export_dtype(record: Mapping[str, Any]) -> str | None:
+    """The dtype the weights were written in, when the record says."""
+    value = record.get("export_dtype")
+    return str(value).removeprefix("torch.") if value else None
+
+
+def dtype_sentence(record: Mapping[str, Any]) -> str | None:
+    """What the card says about the two dtypes of prune.json: `export_dtype` (the tensors on
+    disk) and `compute_dtype` (what the model ran in; null for a drop, which runs nothing).
+    None when the record names no export dtype."""
+    stored = export_dtype(record)
+    if stored is None:
+        return None
+    computed = record.get("compute_dtype")
+    if computed:
+        return (
+            f"Weights stored in {stored} (`export_dtype` in prune.json); computed in "
+            f"{str(computed).removeprefix('torch.')} (`compute_dtype`)."
+        )
+    return (
+        f"Weights stored in {stored} (`export_dtype` in prune.json); `compute_dtype` is null: "
+        "the model was not run."
+    )
+
+
 def render_card(
     comparison: Mapping[str, Any],
     strategy: str,
@@ -414,8 +536,11 @@ def render_card(
     recipe_text: str,
     figure: str | None = "relevance.png",
     repo_id: str | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> str:
-    """Markdown model card (with YAML front matter) for the `strategy` variant, comparing all strategies."""
+    """Markdown model card (with YAML front matter) for the `strategy` variant, comparing all
+    strategies; `record` (the variant's prune.json) adds what its two dtypes are."""
+
     model = comparison["model"]
     order = [strategy] + [n for n in comparison["strategies"] if n != strategy]
     variant = comparison["strategies"][strategy]
@@ -440,6 +565,7 @@ def render_card(
         + _strategy_notes([_measure_of(comparison, n) for n in order])
         + " This card compares the strategies run by the same recipe.",
         "",
+        *([dtypes, ""] if record and (dtypes := dtype_sentence(record)) else []),
         *comparison_sections(comparison, order, figure),
         *_usage_section(comparison, repo_id, recipe_text),
     ]

@@ -333,8 +333,10 @@ def drop(
 ) -> None:
     """Remove the given layers from MODEL and write a loadable checkpoint to --out.
 
-    A local folder (or .gguf file) with safetensors weights is pruned on disk, one tensor
-    at a time, in the source's dtype: memory stays near one --max-shard-size shard.
+    A local folder, .gguf file or Hub id with safetensors weights is pruned on disk, one
+    tensor at a time, in the source's dtype: memory stays near one --max-shard-size shard.
+    For a Hub id only the safetensors weights and the small files are downloaded (to the
+    Hugging Face cache; HF_HUB_OFFLINE=1 reads only the cache).
     """
     from prune.drop import drop_and_export
     from prune.sizes import ACCEPTED, parse_size
@@ -428,6 +430,7 @@ def run(
     Writes to the output folder:
       recipe.yaml, comparison.json, comparison.md, relevance.png,
       variants/<strategy>/  (a loadable checkpoint with its model card)
+      variants/<strategy>-healed/  (with a `heal:` section: the variant, healed)
     """
     from prune.pipeline import run_recipe
     from prune.report import format_table, headline_rows

@@ -42,6 +42,8 @@ HEAL_SAMPLES = 1024
 HEAL_LORA_RANK = 16
 HEAL_CHECKPOINT_EVERY = 50
 HEAL_HELDOUT_SHARE = 0.1
+# `prune run` with a `heal:` section heals variants/<name> into variants/<name>-healed.
+HEALED_SUFFIX = "-healed"
 DEFAULT_MODEL = "smollm2-135m"
 
 

@@ -1,9 +1,13 @@
 """`prune drop`: remove blocks from a checkpoint and write the result.
 
-A local folder (or a GGUF file's cached conversion) with safetensors weights is pruned on
+A local folder, a GGUF file's cached conversion or a Hub id (its snapshot in the Hugging
+Face cache, weights fetched as safetensors only) with safetensors weights is pruned on
 disk, tensor by tensor (`prune.streaming`); anything else is loaded, pruned in memory and
 written by `prune.export`. Both write the drop's model card and mergekit config
 (`prune.drop_card`). This module sits above both writers, so neither imports the other.
+
+Either way prune.json's `compute_dtype` is null: a drop runs no forward pass, so only
+`export_dtype` (the tensors on disk) describes the result.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ def drop_and_export(
     """`prune drop`: remove `layers` and export; returns the prune.json record. `files`
     defaults to the drop's model card and mergekit config (`prune.drop_card.drop_files`).
 
-    A local folder (or a GGUF file's cached conversion) with safetensors weights is pruned
-    on disk, tensor by tensor (`prune.streaming`); anything else is loaded, pruned in memory
-    and exported (`device_map`/`max_memory` place that load, see `prune.models.load_model`).
+    A local folder, a GGUF file's cached conversion or a Hub id with safetensors weights
+    is pruned on disk, tensor by tensor (`prune.streaming`); anything else is loaded,
+    pruned in memory and exported (`device_map`/`max_memory` place that load, see
+    `prune.models.load_model`).
     The export dtype is `export_dtype`, else an explicit `dtype` (drop computes
     nothing: its `--dtype` has always been the saved dtype), else the source checkpoint's.
     """

@@ -5,8 +5,9 @@ writes to prune.json (see `prune.export`), and returns the extra files both expo
 paths write beside the weights, so every folder `prune drop` writes is Hub-ready:
 
 - README.md: Hub metadata (base model and license when known), which blocks were
-  removed in the original model's numbering, depth before and after, the exact
-  `prune drop` command, and a plain "not evaluated" (`prune run` measures a cut);
+  removed in the original model's numbering, depth before and after, the dtype of the
+  weights (export dtype) and the dtype the model ran in (compute dtype: none for a drop),
+  the exact `prune drop` command, and a plain "not evaluated" (`prune run` measures a cut);
 - mergekit.yaml: the same cut as a mergekit passthrough merge, one slice per kept
   run of blocks (`layer_range` ends are exclusive), the format the ecosystem already
   uses to slice layers, so the cut can be reproduced or adjusted with mergekit.
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from prune.card import base_metadata, render_front_matter
+from prune.card import base_metadata, dtype_sentence, export_dtype, render_front_matter
 
 MERGEKIT_FILE = "mergekit.yaml"
 CARD_FILE = "README.md"
@@ -84,12 +85,6 @@ def _whole_cut(record: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[int],
     return source, sorted(removed), depth
 
 
-def export_dtype(record: Mapping[str, Any]) -> str | None:
-    """The dtype the weights were written in, when the record says."""
-    value = record.get("export_dtype")
-    return str(value).removeprefix("torch.") if value else None
-
-
 def mergekit_config(
     source: Mapping[str, Any],
     removed: Sequence[int],
@@ -149,17 +144,18 @@ def render_drop_card(record: Mapping[str, Any]) -> str:
     )
     after = record.get("num_layers_after", depth - len(removed))
     listed = ", ".join(str(i) for i in removed) or "none"
-    dtype = f", weights in {export_dtype(record)}" if export_dtype(record) else ""
+    dtypes = [sentence, ""] if (sentence := dtype_sentence(record)) else []
     out = [
         render_front_matter(meta),
         "",
         f"# {_short_name(original)}, {len(removed)} of {depth} blocks removed",
         "",
         f"{base_ref} with {len(removed)} of its {depth} transformer blocks removed by "
-        f"`prune drop`: {after} blocks left{dtype}.",
+        f"`prune drop`: {after} blocks left.",
         "",
         f"Removed blocks (0-based, numbered as in the base model): {listed}.",
         "",
+        *dtypes,
         "## Not evaluated",
         "",
         "`prune drop` removes the blocks it is given and measures nothing: this checkpoint "

@@ -18,6 +18,10 @@ earlier prune.json records, oldest first (each without its own `chain`). For a
 first prune these equal `removed_layers`, `num_layers_before` and `source`, and
 `chain` is empty. The source's license carries over through `source.license`
 (see `prune.models.resolve_source`).
+
+Two dtypes are recorded, because they can differ: `export_dtype` is what the tensors on
+disk are, `compute_dtype` the dtype the model was loaded and evaluated in (`prune run`,
+healing), or null when nothing was computed (`prune drop` only moves tensors).
 """
 
 from __future__ import annotations
@@ -103,10 +107,22 @@ def _write_record(folder: Path, record: Mapping[str, Any]) -> None:
     (folder / PRUNE_JSON).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def dtype_name(dtype: Any) -> str | None:
+    """The name prune.json records for a dtype: "bfloat16" for torch.bfloat16 or
+    "torch.bfloat16"; None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def prune_record(
-    loaded: LoadedModel, removed: list[int], layers_before: int, extra: Mapping[str, Any] | None
+    loaded: LoadedModel,
+    removed: list[int],
+    layers_before: int,
+    extra: Mapping[str, Any] | None,
+    *,
+    compute_dtype: Any = None,
 ) -> dict[str, Any]:
-    """The provenance written to prune.json (see the module docstring for the chain fields)."""
+    """The provenance written to prune.json (see the module docstring for the chain and
+    dtype fields); the export dtype is the loaded model's."""
     return build_record(
         loaded.source,
         removed,
@@ -114,6 +130,8 @@ def prune_record(
         count_layers(loaded.model),
         locate_layers(loaded.model).path,
         extra,
+        export_dtype=loaded.model.dtype,
+        compute_dtype=compute_dtype,
     )
 
 
@@ -124,8 +142,15 @@ def build_record(
     layers_after: int,
     layer_path: str,
     extra: Mapping[str, Any] | None,
+    *,
+    export_dtype: Any,
+    compute_dtype: Any = None,
 ) -> dict[str, Any]:
-    """prune.json from the source's description alone (no model needed: the streaming export)."""
+    """prune.json from the source's description alone (no model needed: the streaming export).
+
+    `export_dtype` is the dtype of the written tensors, `compute_dtype` the one the model
+    was evaluated in (None: nothing was computed); torch dtypes or their names.
+    """
     record: dict[str, Any] = {
         "prune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -135,6 +160,8 @@ def build_record(
         "num_layers_after": layers_after,
         "layer_path": layer_path,
         **_chain(source, removed, layers_before),
+        "export_dtype": dtype_name(export_dtype),
+        "compute_dtype": dtype_name(compute_dtype),
     }
     if extra:
         record.update(extra)
@@ -193,12 +220,15 @@ def export_checkpoint(
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     extra: Mapping[str, Any] | None = None,
     files: ExtraFiles | None = None,
+    compute_dtype: Any = None,
 ) -> Path:
     """Save the (already pruned) model in `loaded` to `out`; returns the folder.
 
     `removed` are the layer indices removed from the source model; `max_shard_size` is a
     size such as "2GB" or a byte count; `files` maps extra file names (e.g. README.md) to
-    their contents. An existing `out` is replaced only with `overwrite`; any OSError or
+    their contents. The tensors are written in the model's dtype (prune.json's
+    `export_dtype`); `compute_dtype` is the dtype it was evaluated in, None when nothing
+    was computed. An existing `out` is replaced only with `overwrite`; any OSError or
     SafetensorError (disk full, permissions) becomes one PruneError and leaves `out` as it
     was. Temporaries that a killed export left beside `out` are removed first.
     """
@@ -208,7 +238,9 @@ def export_checkpoint(
     sweep_temporaries(out)
     try:
         with atomic_folder(out, what="output folder") as tmp:
-            _write_checkpoint(loaded, tmp, removed, layers_before, shard_bytes, extra, files)
+            _write_checkpoint(
+                loaded, tmp, removed, layers_before, shard_bytes, extra, files, compute_dtype
+            )
     except OSError as exc:  # the errors `atomic_folder` does not name (e.g. a name too long)
         error = write_error(exc, out, "output folder")
         if error is not None:
@@ -225,10 +257,10 @@ def _write_checkpoint(
     shard_bytes: int,
     extra: Mapping[str, Any] | None,
     files: ExtraFiles | None,
+    compute_dtype: Any,
 ) -> None:
     """Write every file of the checkpoint into `folder` (a private temporary one)."""
-    dtype = str(loaded.model.dtype).removeprefix("torch.")
-    record = prune_record(loaded, removed, layers_before, {"export_dtype": dtype, **(extra or {})})
+    record = prune_record(loaded, removed, layers_before, extra, compute_dtype=compute_dtype)
     with _safetensors_metadata(_tensor_metadata(record)):
         loaded.model.save_pretrained(folder, max_shard_size=shard_bytes)
     if loaded.tokenizer is not None:

@@ -577,5 +577,12 @@ def _export(
         return {"README.md": healed_card(card, record, new_record, str(variant))}
 
     export_checkpoint(
-        healed, out, [], num_blocks, overwrite=overwrite, extra={"healing": healing}, files=files
+        healed,
+        out,
+        [],
+        num_blocks,
+        overwrite=overwrite,
+        extra={"healing": healing},
+        files=files,
+        compute_dtype=healing["compute_dtype"],
     )

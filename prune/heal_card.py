@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from prune.card import base_metadata, parse_front_matter, render_front_matter
+from prune.card import (
+    base_metadata,
+    model_index_results,
+    parse_front_matter,
+    render_front_matter,
+)
 from prune.drop_card import MERGEKIT_FILE, render_drop_card
 
 HEALED_TAG = "healed"
@@ -102,6 +107,26 @@ def _task_lines(tasks: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
+def _healed_model_index(meta: dict[str, Any], healing: Mapping[str, Any]) -> None:
+    """The variant's model-index scores are not the healed model's: replace them with the
+    report-task scores measured after healing, or drop them when none were measured."""
+    if "model-index" not in meta:
+        return
+    tasks = healing.get("tasks")
+    if not tasks:
+        del meta["model-index"]
+        return
+    results = model_index_results(
+        {t: row["after"] for t, row in tasks["scores"].items()},
+        {t: row["metric"] for t, row in tasks["scores"].items()},
+        tasks.get("num_fewshot"),
+    )
+    name = (meta["model-index"][0] or {}).get("name", "healed") if meta["model-index"] else "healed"
+    meta["model-index"] = [
+        {"name": f"{name}-healed" if not name.endswith("-healed") else name, "results": results}
+    ]
+
+
 def _split_sections(body: str) -> list[str]:
     """`body` cut before each `## ` heading (the first piece is what precedes them)."""
     pieces: list[str] = []
@@ -146,6 +171,7 @@ def healed_card(
     if meta:
         tags = list(meta.get("tags") or [])
         meta["tags"] = tags if HEALED_TAG in tags else [*tags, HEALED_TAG]
+        _healed_model_index(meta, record["healing"])
     section = render_healing_section(record["healing"], variant)
     # mergekit reproduces the cut, not the healed weights, and the file stays behind.
     lines = [ln for ln in body.split("\n") if f"`{MERGEKIT_FILE}`" not in ln]

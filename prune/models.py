@@ -211,6 +211,16 @@ def resolve_source(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", None, spec, None, None)
 
 
+def cached_commit(repo_id: str, revision: str | None = None) -> str | None:
+    """The commit of Hub model `repo_id` at `revision` (default main) that the Hugging Face
+    cache holds, i.e. the one just loaded (transformers 5 no longer records it on the
+    config), or None. The streaming export records the same commit (`prune.streaming`)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def pruned_record(folder: Path) -> dict[str, Any] | None:
     """The prune.json record of a folder `prune` exported, or None (absent or unreadable)."""
     try:
@@ -709,7 +719,7 @@ def load_model(
         checkpoint = source.path or spec
         model, tokenizer, problem = _load_checkpoint(checkpoint, spec, torch_dtype, placement)
     if source.kind == "hub":
-        revision = getattr(model.config, "_commit_hash", None)
+        revision = getattr(model.config, "_commit_hash", None) or cached_commit(spec)
         source = ModelSource(spec, "hub", None, spec, revision, None)
     if placement is None:  # a device map has placed every block already
         model.to(torch_device)

@@ -1,6 +1,6 @@
 """`prune run RECIPE` as a pipeline of named steps, for every ranking strategy side by side.
 
-    prepare -> baseline -> rank -> remove -> export -> report -> publish
+    prepare -> baseline -> rank -> remove -> export -> heal -> report -> publish
 
 - prepare: read and validate the recipe (all problems, before any model is loaded),
   apply the CLI overrides, check the output folder and the task names, load the model.
@@ -9,33 +9,43 @@
 - remove: greedy removal per strategy (`prune.greedy`), re-evaluating after every
   step; the iterative schedule re-ranks the slimmed model each time.
 - export: one checkpoint per strategy, with a model card comparing all of them.
+- heal (only with a `heal:` section): distil the recipe's model (or `heal.teacher`) into
+  each variant with `prune.heal.heal_variant`, writing `variants/<name>-healed`, then score
+  each healed variant on the reporting tasks like the raw ones, so the comparison and the
+  cards show raw and healed side by side with paired intervals.
 - report: comparison.json / comparison.md, relevance.png, tradeoff.png, recipe.yaml.
 - publish: push the chosen variants to the Hub when asked.
 
 Under torchrun every process runs every step (same inputs, same decisions) and the
 evaluations are split across them (`prune.distributed`); only process 0 writes the
-output folder and pushes.
+output folder and pushes. Healing trains in one process, so a recipe that heals is
+refused under torchrun.
 
 Every evaluation goes through `evaluate_removals` on the *full* model with
 original layer indices, so results are cached on disk under one key per (model,
 removed set, task, settings): strategies share evaluations, an interrupted run
 resumes from the cache and a re-run is quick. Variants are written atomically;
-comparison.json is written last, so its presence marks a finished run.
+comparison.json is written last, so its presence marks a finished run. With --resume,
+a variant whose prune.json holds this run's fingerprint keeps its weights, a healed one
+too (its fingerprint also covers the heal section), and an interrupted heal continues
+from the state `heal_variant` saved beside its folder.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prune.atomic import sweep_temporaries, write_file
-from prune.distributed import is_main
+from prune.defaults import HEALED_SUFFIX
+from prune.distributed import is_main, world
 from prune.errors import PruneError
 from prune.recipe import (
     Recipe,
@@ -54,7 +64,8 @@ Echo = Callable[[str], None]
 
 @dataclass
 class RunResult:
-    """What `run_recipe` produced: the output folder, the comparison record and the variant folders."""
+    """What `run_recipe` produced: the output folder, the comparison record and the variant
+    folders (by variant name: `<name>-healed` for the healed ones)."""
 
     out: Path
     comparison: dict[str, Any]
@@ -85,16 +96,28 @@ class Run:
     baseline: dict[str, Any] = field(default_factory=dict)  # task -> TaskScore of the full model
     rankings: dict[str, Any] = field(default_factory=dict)  # strategy -> full-model Ranking
     results: dict[str, Any] = field(default_factory=dict)  # strategy -> GreedyResult
+    finals: dict[str, Any] = field(default_factory=dict)  # strategy -> task -> TaskScore
     comparison: dict[str, Any] = field(default_factory=dict)
     figure: bytes | None = None  # relevance.png
     tradeoff: bytes = b""  # tradeoff.png
     variants: dict[str, Path] = field(default_factory=dict)
+    kept: set[str] = field(default_factory=set)  # variants whose earlier weights were kept
+    healed: dict[str, Path] = field(default_factory=dict)  # strategy -> its healed folder
     pushed: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def engine(self) -> str:
         return self.recipe.evaluation.engine
+
+    def folders(self) -> dict[str, Path]:
+        """Every variant folder written, by variant name, each healed one after its raw one."""
+        out = {}
+        for name, folder in self.variants.items():
+            out[name] = folder
+            if name in self.healed:
+                out[f"{name}{HEALED_SUFFIX}"] = self.healed[name]
+        return out
 
     def params(self, removed: tuple[int, ...]) -> int:
         """Parameters left with the `removed` blocks (original indices) taken out."""
@@ -244,6 +267,12 @@ def prepare(run: Run) -> None:
         sweep_temporaries(run.out, depth=2)  # what killed runs left (variants/.kl.tmp-*, ...)
     _check_out(run.out, run.overwrite, run.resume)
     check_output_folder(run.out)  # `--out` too, which the recipe's check does not see
+    if run.recipe.heal is not None and world()[1] > 1:
+        raise PruneError(
+            f"heal: healing trains in one process, and this run has {world()[1]} (torchrun); "
+            "leave the heal section out here and heal the variants with `prune heal`, or run "
+            "the recipe without torchrun"
+        )
     for warning in run.recipe.warnings:
         run.echo(f"Warning: {warning}")
     names = list(run.recipe.evaluation.tasks)
@@ -354,8 +383,6 @@ def remove(run: Run) -> None:
 
 def export(run: Run) -> None:
     """Build the comparison record, then write one checkpoint per strategy with its card."""
-    from prune.card import render_card
-    from prune.drop_card import mergekit_config
     from prune.export import export_checkpoint
     from prune.layer_report import build_report, ranking_stability
     from prune.plot import plot_relevance, plot_tradeoff
@@ -374,7 +401,7 @@ def export(run: Run) -> None:
         name: _evaluate(run, run.report_settings, [tuple(s.removed) for s in result.history], False)
         for name, result in run.results.items()
     }
-    finals = {name: scores[-1] for name, scores in steps.items()}
+    finals = run.finals = {name: scores[-1] for name, scores in steps.items()}
     with_outcomes = all(
         s.outcomes is not None
         for scores in (run.baseline, *(x for v in steps.values() for x in v))
@@ -403,36 +430,21 @@ def export(run: Run) -> None:
     run.tradeoff = plot_tradeoff(run.comparison)
     if not is_main():  # under torchrun the other processes only took part in the evaluations
         return
-    recipe_text = run.recipe.raw_text
     fingerprint = _run_fingerprint(run.recipe)
     for name, result in run.results.items():
         folder = run.out / "variants" / name
         removed = sorted(result.removed)
-        card = render_card(
-            run.comparison,
-            name,
-            recipe_text=recipe_text,
-            figure="relevance.png" if run.figure else None,
-            repo_id=_repo_for(run.recipe, name, run.depth - len(removed)),
-        )
-        files: dict[str, str | bytes] = {
-            "README.md": card,
-            "recipe.yaml": recipe_text,
-            "tradeoff.png": run.tradeoff,
-            "mergekit.yaml": mergekit_config(
-                run.loaded.source.to_dict(), removed, run.depth, run.loaded.model.dtype
-            ),
-        }
-        if run.figure:
-            files["relevance.png"] = run.figure
+        files = functools.partial(_variant_files, run, name, removed)
         if run.resume and _variant_done(folder, removed, run.loaded, fingerprint, run.echo):
             # The weights are what this run would write; the card compares every strategy
             # and quotes the recipe text, so the small files are always this run's.
-            for file, content in files.items():
+            record = json.loads((folder / "prune.json").read_text())
+            for file, content in files(record).items():
                 write_file(folder / file, content)
             if not run.figure:
                 (folder / "relevance.png").unlink(missing_ok=True)
             run.variants[name] = folder
+            run.kept.add(name)
             continue
         extra = {
             "run_fingerprint": fingerprint,
@@ -451,6 +463,8 @@ def export(run: Run) -> None:
             overwrite=True,
             extra=extra,
             files=files,
+            compute_dtype=run.loaded.model.dtype,
+            revision=run.loaded.source.revision,
         )
         if streamed is None:
             removal = drop_layers(run.loaded.model, removed) if removed else None
@@ -464,6 +478,7 @@ def export(run: Run) -> None:
                     max_shard_size=run.recipe.export.max_shard_size,
                     extra=extra,
                     files=files,
+                    compute_dtype=run.loaded.model.dtype,
                 )
             finally:
                 if removal is not None:
@@ -471,9 +486,62 @@ def export(run: Run) -> None:
         run.variants[name] = folder
     variants_dir = run.out / "variants"
     if run.overwrite and variants_dir.is_dir():
+        planned = set(run.recipe.variant_names())  # healed ones included: heal replaces them
         for folder in variants_dir.iterdir():
-            if folder.name not in run.variants and not folder.name.startswith("."):
+            if folder.name not in planned and not folder.name.startswith("."):
                 shutil.rmtree(folder, ignore_errors=True)  # a strategy the recipe no longer runs
+
+
+def heal(run: Run) -> None:
+    """With a `heal:` section: heal every variant into `variants/<name>-healed`, score each
+    healed one on the reporting tasks (the raw variants' settings, engine and cache), and add
+    it to the comparison beside its raw variant; the raw variants' cards are written again
+    to show both. The full model is released first: the heal loads the teacher itself."""
+    from prune.evaluate.removals import evaluate_removals
+    from prune.models import load_model
+    from prune.report import healed_record
+
+    if run.recipe.heal is None or not run.variants:
+        return
+    settings = heal_settings(run.recipe)
+    teacher = run.recipe.heal.teacher or run.recipe.model
+    fingerprint = _run_fingerprint(run.recipe, heal=True)
+    _release_model(run)
+    for name, folder in run.variants.items():
+        healed = folder.with_name(f"{name}{HEALED_SUFFIX}")
+        start = time.perf_counter()
+        reuse = run.resume and name in run.kept
+        if not (reuse and _healed_done(healed, folder, fingerprint, run.echo)):
+            what = f"{settings.method}, {settings.steps} steps, teacher {teacher}"
+            run.echo(f"[{healed.name}] healing {folder.name} ({what})")
+            _heal_variant(run, folder, healed, teacher, settings, fingerprint, resume=reuse)
+        run.echo(f"[{healed.name}] evaluating on {', '.join(run.recipe.evaluation.tasks)}")
+        loaded = load_model(
+            str(healed),
+            dtype=run.recipe.dtype,
+            device=run.recipe.device,
+            tokenizer_for="prune run",
+            device_map=run.recipe.device_map,
+            max_memory=run.recipe.max_memory,
+        )
+        healed_scores = evaluate_removals(
+            loaded, run.report_settings, [()], engine=run.engine, cache=run.cache, progress=False
+        )[0]
+        del loaded
+        _free_memory()
+        run.comparison["strategies"][name]["healed"] = healed_record(
+            run.baseline,
+            run.finals[name],
+            healed_scores,
+            run.comparison["strategies"][name]["final"],
+            json.loads((healed / "prune.json").read_text())["healing"],
+            str(healed.relative_to(run.out)),
+            seed=run.recipe.seed,
+        )
+        run.healed[name] = healed
+        run.timings[f"heal_{name}"] = time.perf_counter() - start
+    for name, folder in run.variants.items():  # the cards now compare raw and healed
+        write_file(folder / "README.md", _card(run, name))
 
 
 def report(run: Run) -> None:
@@ -487,7 +555,7 @@ def report(run: Run) -> None:
     if run.figure:
         write_file(run.out / "relevance.png", run.figure)
     run.comparison["timings"] = {k: round(v, 2) for k, v in run.timings.items()}
-    run.comparison["variants"] = {k: str(v.relative_to(run.out)) for k, v in run.variants.items()}
+    run.comparison["variants"] = {k: str(v.relative_to(run.out)) for k, v in run.folders().items()}
     write_file(run.out / "comparison.md", render_comparison(run.comparison))
     _write_comparison(run)
 
@@ -495,17 +563,19 @@ def report(run: Run) -> None:
 def publish(run: Run) -> None:
     """Push the chosen variants (all checked before the first upload) when the recipe asks.
 
-    `publish: all` pushes every variant; a strategy name pushes that one; `best` pushes
-    every variant when the repo id has a {strategy} placeholder (one repo each) and
-    otherwise only the variant with the best re-evaluated mean score.
+    `publish: all` pushes every variant, the healed ones (`<name>-healed`) too; a variant
+    name pushes that one; `best` pushes every variant when the repo id has a {strategy}
+    placeholder (one repo each, `{strategy}` filled with the variant name) and otherwise
+    only the raw variant with the distinguishably best re-evaluated mean score.
     """
     from prune import hub
 
     push = run.recipe.push
     if not push.enabled or not is_main():
         return
+    folders = run.folders()
     if push.publish == "all" or (push.publish == "best" and "{strategy}" in (push.repo_id or "")):
-        chosen = list(run.variants)
+        chosen = list(folders)
     elif push.publish == "best" and run.comparison["best"] is None:
         raise PruneError(
             f"push.publish is 'best' but no variant is distinguishably better "
@@ -514,8 +584,9 @@ def publish(run: Run) -> None:
         )
     else:
         chosen = [run.comparison["best"] if push.publish == "best" else push.publish]
-    layers = {n: run.comparison["strategies"][n]["final"]["layers"] for n in chosen}
-    pushes = [(run.variants[n], _repo_for(run.recipe, n, layers[n])) for n in chosen]
+    strategy = {n: n for n in run.variants} | {f"{n}{HEALED_SUFFIX}": n for n in run.healed}
+    layers = {n: run.comparison["strategies"][strategy[n]]["final"]["layers"] for n in chosen}
+    pushes = [(folders[n], _repo_for(run.recipe, n, layers[n])) for n in chosen]
     for folder, repo_id in pushes:
         run.echo(f"pushing {folder} to {repo_id}")
     try:
@@ -536,6 +607,7 @@ STEPS: tuple[Callable[[Run], None], ...] = (
     rank,
     remove,
     export,
+    heal,
     report,
     publish,
 )
@@ -578,7 +650,7 @@ def run_recipe(
         t0 = time.perf_counter()
         step(run)
         run.timings[step.__name__] = time.perf_counter() - t0
-    return RunResult(run.out, run.comparison, run.variants, run.pushed)
+    return RunResult(run.out, run.comparison, run.folders(), run.pushed)
 
 
 # --------------------------------------------------------------------------- small parts
@@ -596,6 +668,165 @@ def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
             f"output folder '{out}' exists and is not empty (pass --overwrite to start over, "
             "or --resume to continue from the evaluation cache)"
         )
+
+
+def heal_settings(recipe: Recipe) -> Any:
+    """The recipe's heal section as `prune.heal.HealSettings`: unset keys take the heal's
+    defaults, except the calibration text (the recipe's), the seed and the dtype (the
+    recipe's)."""
+    from prune.heal import HealSettings
+
+    h = recipe.heal
+    source = h.calibration if h.calibration is not None else recipe.calibration.source
+    return HealSettings(
+        method=h.method,
+        steps=h.steps,
+        lr=h.lr,
+        batch_size=h.batch_size,
+        seq_len=h.seq_len,
+        grad_accum=h.grad_accum,
+        lm_weight=h.lm_weight,
+        lora_rank=h.lora_rank,
+        calibration=None if source in (None, "default") else source,
+        samples=h.samples,
+        seed=recipe.seed if h.seed is None else h.seed,
+        dtype=h.dtype or recipe.dtype,
+    )
+
+
+def _card(run: Run, name: str, record: Mapping[str, Any] | None = None) -> str:
+    """The README.md of the raw variant `name`: the comparison as it stands now (`record`:
+    its prune.json, default the one in its folder, for the dtypes it was written in)."""
+    from prune.card import render_card
+
+    if record is None:
+        try:
+            record = json.loads((run.out / "variants" / name / "prune.json").read_text())
+        except (OSError, ValueError):
+            record = None
+    layers = run.comparison["strategies"][name]["final"]["layers"]
+    return render_card(
+        run.comparison,
+        name,
+        recipe_text=run.recipe.raw_text,
+        figure="relevance.png" if run.figure else None,
+        repo_id=_repo_for(run.recipe, name, layers),
+        record=record,
+    )
+
+
+def _variant_files(
+    run: Run, name: str, removed: list[int], record: Mapping[str, Any]
+) -> dict[str, str | bytes]:
+    """The small files of the raw variant `name` beside its weights, given its prune.json
+    `record` (the mergekit config names the dtype the weights were written in)."""
+    from prune.drop_card import mergekit_config
+
+    dtype = record.get("export_dtype") or run.loaded.model.dtype
+    files: dict[str, str | bytes] = {
+        "README.md": _card(run, name, record),
+        "recipe.yaml": run.recipe.raw_text,
+        "tradeoff.png": run.tradeoff,
+        "mergekit.yaml": mergekit_config(run.loaded.source.to_dict(), removed, run.depth, dtype),
+    }
+    if run.figure:
+        files["relevance.png"] = run.figure
+    return files
+
+
+def _free_memory() -> None:
+    """Hand freed tensors' memory back (to the accelerator too) before the next model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _release_model(run: Run) -> None:
+    """Drop the full model (no step after export needs it), so a heal has room for its own
+    teacher and student."""
+    run.loaded = None
+    _free_memory()
+
+
+def _heal_variant(
+    run: Run,
+    folder: Path,
+    healed: Path,
+    teacher: str,
+    settings: Any,
+    fingerprint: str,
+    resume: bool,
+) -> None:
+    """Heal `folder` into `healed` and stamp its prune.json with the run's `fingerprint`.
+
+    With `resume` (an earlier run's variant kept as it was), an interrupted heal's saved
+    state is continued; a state that turns out not to fit (another heal section) is
+    discarded before the first step and the heal starts over.
+    """
+    from prune.heal import heal_variant
+    from prune.heal_state import STATE_FILE, state_dir_for
+
+    kwargs = dict(
+        teacher=teacher,
+        settings=settings,
+        report=run.report_settings,  # the healed card's before/after scores
+        engine=run.engine,
+        device=run.recipe.device,
+        data_dir=run.recipe.data_dir,
+        overwrite=True,
+        progress=run.progress,
+    )
+    state = state_dir_for(healed) / STATE_FILE
+    done = False
+    if resume and state.is_file():
+        stepped = []
+        try:
+            heal_variant(
+                folder, healed, resume=True, on_step=lambda *_: stepped.append(1), **kwargs
+            )
+            done = True
+        except PruneError as exc:
+            if stepped:  # it trained, so the state fitted: this is another problem
+                raise
+            run.echo(f"[{healed.name}] healing from the start: {exc}")
+    if not done:
+        heal_variant(folder, healed, **kwargs)
+    record = json.loads((healed / "prune.json").read_text())
+    record["run_fingerprint"] = fingerprint
+    write_file(healed / "prune.json", json.dumps(record, indent=2) + "\n")
+
+
+def _healed_done(healed: Path, folder: Path, fingerprint: str, echo: Echo) -> bool:
+    """Whether the healed folder of an earlier run is what this run would write: healed
+    from the variant now in `folder` (same export) by the same recipe (heal section
+    included) and prune version. A folder that exists but is not is announced (one line
+    saying why) and then healed again by the caller."""
+    try:
+        record = json.loads((healed / "prune.json").read_text())
+    except FileNotFoundError:
+        return False  # never healed (e.g. the run was interrupted before it)
+    except (OSError, ValueError):
+        record = None
+    try:
+        created = json.loads((folder / "prune.json").read_text()).get("created")
+    except (OSError, ValueError, AttributeError):
+        created = None
+    chain = record.get("chain") if isinstance(record, dict) else None
+    if not isinstance(record, dict) or not isinstance(record.get("healing"), dict):
+        why = "its prune.json is unreadable or records no healing"
+    elif record.get("run_fingerprint") != fingerprint:
+        why = "the recipe (its heal section included) or prune's version changed since"
+    elif not chain or not isinstance(chain[-1], dict) or chain[-1].get("created") != created:
+        why = f"it was healed from another export of {folder.name}"
+    else:
+        echo(f"[{healed.name}] keeping the healed weights (same recipe and variant)")
+        return True
+    echo(f"[{healed.name}] healing again: {why}")
+    return False
 
 
 def _write_comparison(run: Run) -> None:
@@ -635,14 +866,18 @@ def _variant_done(
 _NOT_FINGERPRINTED = (("export", "out"), ("push",), ("description",), ("evaluation", "batch_size"))
 
 
-def _run_fingerprint(recipe: Recipe) -> str:
+def _run_fingerprint(recipe: Recipe, heal: bool = False) -> str:
     """SHA-256 (hex) of the effective recipe (CLI overrides applied, defaults filled in) and
-    prune's version: what a resumed run requires of a variant before it keeps its weights."""
+    prune's version: what a resumed run requires of a variant before it keeps its weights.
+    The heal section counts only with `heal` (for healed folders): a raw variant does not
+    depend on it."""
     import hashlib
 
     from prune import __version__
 
     settings = recipe.to_dict()
+    if not heal:
+        settings.pop("heal", None)
     for path in _NOT_FINGERPRINTED:
         parent = settings
         for key in path[:-1]:

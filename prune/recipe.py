@@ -1,7 +1,8 @@
 """Recipes: one YAML file that describes a whole `prune run`, loaded strictly.
 
 A recipe names the model, the calibration data, the ranking strategies, the
-stopping rule, the reporting tasks and the export/push settings. Loading reports
+stopping rule, the reporting tasks, the export/push settings and, optionally, how to
+heal every variant (`heal:`, the settings of `prune heal`). Loading reports
 *all* problems together, each with its path (`prune.remove: must be < 30, got 31`)
 and "did you mean" for misspelt keys, in two stages: the pydantic models give each
 key its type and default (strictly: a string is not a number, unknown keys are
@@ -31,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from prune import defaults
+from prune.defaults import HEALED_SUFFIX
 from prune.errors import PruneError
 from prune.hub import check_repo_id, repo_id_placeholders
 from prune.measures import get_measure, measure_names
@@ -73,7 +75,18 @@ def _number_as_text(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
+def _text_as_number(value: Any) -> Any:
+    """`'2e-4'` as 2e-4: YAML 1.1 reads exponents without a dot as text."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 Text = Annotated[str, BeforeValidator(_number_as_text)]  # e.g. max_shard_size: 2000000
+Number = Annotated[float, BeforeValidator(_text_as_number)]  # e.g. lr: 2e-4
 Tasks = Annotated[list[Text], _list_of("strings", split_text=True)]
 
 
@@ -173,6 +186,28 @@ class Push(_Section):
     publish: Text = "best"
 
 
+class Heal(_Section):
+    """Heal every variant after export (`prune heal`'s settings); absent: no healing.
+
+    Each `variants/<name>` is distilled from the teacher into `variants/<name>-healed`,
+    which is then scored on the reporting tasks like the raw variants.
+    """
+
+    teacher: Text | None = None  # default: the recipe's model
+    method: Text = "lora"  # one of defaults.HEAL_METHODS
+    steps: int = defaults.HEAL_STEPS
+    lr: Number | None = None  # default: the method's (defaults.HEAL_LEARNING_RATES)
+    batch_size: int = defaults.HEAL_BATCH_SIZE
+    seq_len: int = defaults.CALIBRATION_SEQ_LEN
+    grad_accum: int = 1
+    lm_weight: Number = 0.0
+    lora_rank: int = defaults.HEAL_LORA_RANK
+    calibration: Text | None = None  # default: calibration.source
+    samples: int = defaults.HEAL_SAMPLES
+    seed: int | None = None  # default: the recipe's seed
+    dtype: Text | None = None  # default: the recipe's dtype
+
+
 class Settings(_Section):
     """Everything a recipe file may say."""
 
@@ -194,9 +229,24 @@ class Settings(_Section):
     prune: PruneSpec = Field(default_factory=PruneSpec)
     export: Export = Field(default_factory=Export)
     push: Push = Field(default_factory=Push)
+    heal: Heal | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_heal_means_defaults(cls, data: Any) -> Any:
+        # `heal:` with nothing under it heals with the defaults, as other empty sections do.
+        if isinstance(data, dict) and "heal" in data and data["heal"] is None:
+            return {**data, "heal": {}}
+        return data
 
     def strategy_names(self) -> list[str]:
         return [s.name for s in self.strategies]
+
+    def variant_names(self) -> list[str]:
+        """The variants a run writes: one per strategy, then `<name>-healed` for each when
+        the recipe heals."""
+        names = [s.key(self.prune.schedule) for s in self.strategies]
+        return names + ([f"{n}{HEALED_SUFFIX}" for n in names] if self.heal is not None else [])
 
 
 class Recipe(Settings):
@@ -219,6 +269,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "prune": PruneSpec,
     "export": Export,
     "push": Push,
+    "heal": Heal,
 }
 
 
@@ -443,6 +494,7 @@ def _check(recipe: Settings, depth: int | None, dropped: _Dropped) -> tuple[list
     if isinstance(recipe.seed, int) and not 0 <= recipe.seed <= SEED_MAX:
         problems.append(f"seed: must be between 0 and {SEED_MAX} (2**32 - 1), got {recipe.seed}")
     _check_push(recipe, problems)
+    _check_heal(recipe, problems, warnings)
     problems = [dropped.in_file(line) for line in problems]
     return [line for line in problems if not dropped.covers(line.split(":", 1)[0])], warnings
 
@@ -661,7 +713,9 @@ def check_output_folder(out: str | os.PathLike) -> None:
 
 def _check_push(recipe: Settings, problems: list[str]) -> None:
     pu = recipe.push
-    accepted = tuple(dict.fromkeys(("best", "all", *recipe.strategy_names())))
+    accepted = tuple(
+        dict.fromkeys(("best", "all", *recipe.strategy_names(), *recipe.variant_names()))
+    )
     _choice(pu.publish, accepted, "push.publish", problems)
     if pu.repo_id is None:
         if pu.enabled:
@@ -673,9 +727,60 @@ def _check_push(recipe: Settings, problems: list[str]) -> None:
     except PruneError as exc:
         placeholders = set()
         problems.append(f"push.repo_id: {exc}")
-    if pu.publish == "all" and "strategy" not in placeholders and len(recipe.strategies) > 1:
+    if pu.publish == "all" and "strategy" not in placeholders and len(recipe.variant_names()) > 1:
         problems.append(
             "push.publish: 'all' pushes every strategy's variant, so push.repo_id needs a {strategy} placeholder"
+        )
+
+
+def _check_heal(recipe: Settings, problems: list[str], warnings: list[str]) -> None:
+    """The heal section as `prune.heal.HealSettings.check` judges it, before any model is
+    loaded (a heal runs after all the pruning), plus what only the recipe can tell."""
+    from prune.calibration import file_source, read_text_file
+
+    heal = recipe.heal
+    if heal is None:
+        return
+    if heal.teacher is not None and not heal.teacher.strip():
+        problems.append(
+            "heal.teacher: must name a model (or leave it out to use the recipe's model)"
+        )
+    _choice(heal.method, defaults.HEAL_METHODS, "heal.method", problems)
+    _at_least(heal.steps, 1, "heal.steps", problems)
+    if heal.lr is not None and not heal.lr > 0:
+        problems.append(f"heal.lr: must be > 0, got {heal.lr:g}")
+    _at_least(heal.batch_size, 1, "heal.batch_size", problems)
+    _at_least(heal.seq_len, 2, "heal.seq_len", problems)
+    _at_least(heal.grad_accum, 1, "heal.grad_accum", problems)
+    if not heal.lm_weight >= 0:
+        problems.append(f"heal.lm_weight: must be >= 0, got {heal.lm_weight:g}")
+    _at_least(heal.lora_rank, 1, "heal.lora_rank", problems)
+    if heal.samples < 2:  # HealSettings accepts 1, but the split needs one text of each kind
+        problems.append(
+            f"heal.samples: must be >= 2 (one text to train on, one held out), got {heal.samples}"
+        )
+    _choice(heal.dtype, defaults.DTYPES, "heal.dtype", problems)
+    if heal.seed is not None and not 0 <= heal.seed <= SEED_MAX:
+        problems.append(f"heal.seed: must be between 0 and {SEED_MAX} (2**32 - 1), got {heal.seed}")
+    source = heal.calibration
+    if source not in (None, "default") and (path := file_source(source)) is not None:
+        try:
+            read_text_file(path)
+        except PruneError as exc:
+            problems.append(f"heal.calibration: {exc}")
+    keys = [s.key(recipe.prune.schedule) for s in recipe.strategies]
+    for i, key in enumerate(keys):
+        if key.endswith(HEALED_SUFFIX) and key.removesuffix(HEALED_SUFFIX) in keys:
+            problems.append(
+                f"strategies[{i}]: the variant name '{key}' is the healed copy of "
+                f"'{key.removesuffix(HEALED_SUFFIX)}' (give it another `variant:` name)"
+            )
+    texts = source if source is not None else recipe.calibration.source
+    if texts in (None, "default") and "local_lambada" in recipe.evaluation.tasks:
+        warnings.append(
+            "heal: trains on the default calibration text, the first LAMBADA passages, which "
+            "local_lambada also reports on, so the healed scores are optimistic (set "
+            "heal.calibration or calibration.source to other text)"
         )
 
 
@@ -953,6 +1058,15 @@ def summarize_recipe(recipe: Recipe) -> list[str]:
                 f"{strat.name} on {recipe.calibration.samples} x {recipe.calibration.seq_len} tokens"
             )
     limit = recipe.evaluation.limit
+    heal = recipe.heal
+    healing = (
+        [
+            f"healing:     {heal.method}, {heal.steps} steps from {heal.teacher or recipe.model} "
+            f"into variants/<name>{HEALED_SUFFIX}"
+        ]
+        if heal is not None
+        else []
+    )
     return [
         f"model:       {recipe.model}"
         + (f" ({depth} layers)" if depth else " (depth checked when loaded)"),
@@ -961,6 +1075,7 @@ def summarize_recipe(recipe: Recipe) -> list[str]:
         + (f"; protect {pr.protect}" if pr.protect else ""),
         f"evaluation:  {','.join(recipe.evaluation.tasks)}"
         + (f" (limit {limit})" if limit else ""),
+        *healing,
         f"output:      {recipe.export.out or default_out(recipe)}",
     ]
 

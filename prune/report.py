@@ -1,7 +1,8 @@
 """The record of a `prune run` (comparison.json) and its readable report (comparison.md).
 
 `build_comparison` turns what the pipeline produced (baseline scores, each
-strategy's greedy result, the full-model rankings) into one JSON-ready mapping;
+strategy's greedy result, the full-model rankings) into one JSON-ready mapping, and
+`healed_record` adds a healed variant beside its raw one (`strategies[name]["healed"]`);
 everything a card or the report shows is read from it, so every number printed
 matches the JSON. `render_comparison` composes comparison.md from the same
 section builders as the model cards (`prune.card`), plus the headline table and
@@ -17,6 +18,7 @@ from typing import Any
 
 from prune import __version__
 from prune.card import comparison_sections
+from prune.defaults import HEALED_SUFFIX
 
 
 def _strategy_record(result: Any, baseline: Mapping[str, float]) -> dict[str, Any]:
@@ -92,6 +94,69 @@ def step_intervals(
 
     base = _per_document(base_scores)
     return [paired_difference(_per_document(s), base, seed=seed).to_dict() for s in steps]
+
+
+def healed_record(
+    base_scores: Mapping[str, Any],
+    raw_scores: Mapping[str, Any],
+    healed_scores: Mapping[str, Any],
+    raw_final: Mapping[str, Any],
+    healing: Mapping[str, Any],
+    folder: str,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A strategy's healed variant for the record: its scores (shaped as the raw variant's
+    `final`), the paired differences from the base model and from the raw variant on the
+    same documents (None where an evaluation kept no per-document outcomes), what the
+    difference from the raw variant decides, and the heal's prune.json `healing` section
+    (less its own report-task scores: these are the run's).
+
+    `base_scores`, `raw_scores` and `healed_scores` map task -> TaskScore; `raw_final` is the
+    raw variant's `final` record (layers and parameters carry over: healing removes nothing).
+    """
+    from prune.stats import paired_difference
+
+    scores = {t: s.value for t, s in healed_scores.items()}
+    baseline = {t: s.value for t, s in base_scores.items()}
+    mean = sum(scores.values()) / len(scores)
+    every = (*base_scores.values(), *raw_scores.values(), *healed_scores.values())
+    vs_base = vs_raw = None
+    if all(s.outcomes is not None for s in every):
+        healed = _per_document(healed_scores)
+        vs_base = paired_difference(healed, _per_document(base_scores), seed=seed).to_dict()
+        vs_raw = paired_difference(healed, _per_document(raw_scores), seed=seed).to_dict()
+    return {
+        "folder": folder,
+        "final": {
+            "layers": raw_final["layers"],
+            "params": raw_final["params"],
+            "scores": scores,
+            "mean": mean,
+            "drop": sum(baseline.values()) / len(baseline) - mean,
+            "retained": {t: (scores[t] / baseline[t] if baseline.get(t) else None) for t in scores},
+        },
+        "stderr": {t: s.stderr for t, s in healed_scores.items()},
+        "vs_base": vs_base,
+        "vs_raw": vs_raw,
+        "verdict": healing_verdict(vs_raw),
+        "healing": {k: v for k, v in healing.items() if k != "tasks"},
+    }
+
+
+def healing_verdict(vs_raw: Mapping[str, Any] | None) -> str:
+    """What healed minus raw decides: a change only when its paired 95% interval excludes zero."""
+    if vs_raw is None:
+        return "no paired statistics (evaluations without per-document outcomes)"
+    lo, hi = vs_raw["ci95"]
+    difference = (
+        f"healed - raw = {vs_raw['diff']:+.4f} (95% CI {lo:+.4f} to {hi:+.4f}, "
+        f"{vs_raw['documents']} documents)"
+    )
+    if lo > 0:
+        return f"healing helped: {difference}"
+    if hi < 0:
+        return f"healing hurt: {difference}"
+    return f"not distinguishable: {difference}"
 
 
 def verdict(means: Mapping[str, float], paired: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -217,25 +282,29 @@ def build_comparison(
 
 
 def headline_rows(comparison: Mapping[str, Any]) -> list[list[str]]:
-    """The headline table: one row for the base model and one per strategy."""
+    """The headline table: one row for the base model and one per variant (a strategy's
+    healed variant, `<name>-healed`, right after its raw one)."""
     model = comparison["model"]
     base = comparison["baseline"]
     rows = [["model", "layers", "params kept", "mean score", "retained", "removed layers"]]
     rows.append(["base", str(model["num_layers"]), "100.0%", f"{base['mean']:.4f}", "100.0%", "-"])
     for name, data in comparison["strategies"].items():
-        final = data["final"]
-        share = final["params"] / model["parameters"]
-        retained = final["mean"] / base["mean"] if base["mean"] else float("nan")
-        rows.append(
-            [
-                name,
-                str(final["layers"]),
-                f"{100 * share:.1f}%",
-                f"{final['mean']:.4f}",
-                f"{100 * retained:.1f}%",
-                ",".join(map(str, data["removed"])) or "-",
-            ]
-        )
+        variants = [(name, data["final"])]
+        if data.get("healed"):
+            variants.append((f"{name}{HEALED_SUFFIX}", data["healed"]["final"]))
+        for label, final in variants:
+            share = final["params"] / model["parameters"]
+            retained = final["mean"] / base["mean"] if base["mean"] else float("nan")
+            rows.append(
+                [
+                    label,
+                    str(final["layers"]),
+                    f"{100 * share:.1f}%",
+                    f"{final['mean']:.4f}",
+                    f"{100 * retained:.1f}%",
+                    ",".join(map(str, data["removed"])) or "-",
+                ]
+            )
     return rows
 
 

@@ -10,15 +10,23 @@ on the meta device, which holds no weights), and the checkpoint is checked as
 strictly as `prune.models` checks a loaded one: the same missing, unexpected and
 wrongly shaped tensors, depth mismatches and damaged files give the same errors.
 
-What this module cannot read as plain tensors (weights in other formats, a Hub id,
-checkpoints that transformers converts while loading, quantized ones) raises
-`NotStreamable`, and `stream_drop_source` then lets the caller use the in-memory path.
+A Hub id is streamed from a snapshot in the Hugging Face cache (`hub_checkpoint`):
+first the small files (config, safetensors index, tokenizer, license), then only the
+safetensors weights the index lists (or `model.safetensors`), never the other formats a
+repo may also hold (.bin, .gguf, ONNX, original consolidated weights). HF_HUB_OFFLINE
+reads the cache only; HF_ENDPOINT and the token are the client's.
+
+What this module cannot read as plain tensors (weights in other formats, a Hub id
+without safetensors or that cannot be reached, checkpoints that transformers converts
+while loading, quantized ones) raises `NotStreamable`, and `stream_drop_source` then lets
+the caller use the in-memory path, which reports a missing repo in its own words.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +40,14 @@ from prune.atomic import atomic_folder, sweep_temporaries, write_error
 from prune.defaults import DEFAULT_SHARD_SIZE, EXPORT_DTYPES
 from prune.errors import PruneError
 from prune.export import PRUNE_JSON, ExtraFiles, build_record, check_output_dir, write_files
-from prune.models import ModelSource, _first_line, _natural, check_loading_info, resolve_source
+from prune.models import (
+    TOKENIZER_FILES,
+    ModelSource,
+    _first_line,
+    _natural,
+    check_loading_info,
+    resolve_source,
+)
 from prune.sizes import parse_size
 
 log = logging.getLogger(__name__)
@@ -59,6 +74,23 @@ _FLOATING = ("float64", "float32", "bfloat16", "float16")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 _REWRITTEN = frozenset({"config.json", PRUNE_JSON, "README.md"})
 SMALL_FILE = 100 * 2**20  # larger non-weight files are not copied (they are not tokenizers)
+# What a Hub snapshot is fetched with before its weights: the files `copy_small_files` would
+# copy from a local folder, by name (a repo's other files may be gigabytes: .bin, .gguf, ONNX).
+HUB_SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    INDEX,
+    *TOKENIZER_FILES,
+    "*.tiktoken",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "LICENSE*",
+    "LICENCE*",
+    "NOTICE*",
+    "USE_POLICY*",
+)
 
 
 class NotStreamable(PruneError):
@@ -329,14 +361,17 @@ def stream_drop(
     files: ExtraFiles | None = None,
     spec: str | None = None,
     source: ModelSource | None = None,
+    compute_dtype: Any = None,
 ) -> dict[str, Any]:
     """Write the checkpoint in `source_folder` without blocks `removed` to `out`; returns the
     prune.json record.
 
     `export_dtype` ("float32", "bfloat16", "float16") converts the floating-point tensors;
     None keeps each tensor as it is. `files` maps extra file names (README.md, ...) to their
-    contents. Written atomically like `prune.export.export_checkpoint` (same folder layout,
-    shard names, safetensors metadata and prune.json).
+    contents. `compute_dtype` is recorded in prune.json: the dtype the caller evaluated the
+    model in, None (nothing computed) for a plain drop. Written atomically like
+    `prune.export.export_checkpoint` (same folder layout, shard names, safetensors metadata
+    and prune.json).
     """
     if export_dtype is not None and export_dtype not in EXPORT_DTYPES:
         raise PruneError(
@@ -346,7 +381,9 @@ def stream_drop(
     check_output_dir(out, overwrite)
     parse_size(max_shard_size)
     plan = plan_stream(Path(source_folder), removed, spec=spec, source=source)
-    return write_plan(plan, out, export_dtype, max_shard_size, overwrite, extra, files)
+    return write_plan(
+        plan, out, export_dtype, max_shard_size, overwrite, extra, files, compute_dtype
+    )
 
 
 def write_plan(
@@ -357,6 +394,7 @@ def write_plan(
     overwrite: bool,
     extra: Mapping[str, Any] | None,
     files: ExtraFiles | None,
+    compute_dtype: Any = None,
 ) -> dict[str, Any]:
     """Write `plan` to `out` atomically (see `stream_drop`); returns the prune.json record."""
     out = Path(out)
@@ -365,7 +403,7 @@ def write_plan(
     sweep_temporaries(out)
     try:
         with atomic_folder(out, what="output folder") as tmp:
-            return _write(plan, tmp, export_dtype, shard_bytes, extra, files)
+            return _write(plan, tmp, export_dtype, shard_bytes, extra, files, compute_dtype)
     except OSError as exc:  # the errors `atomic_folder` does not name (e.g. a name too long)
         error = write_error(exc, out, "output folder")
         if error is not None:
@@ -380,6 +418,7 @@ def _write(
     shard_bytes: int,
     extra: Mapping[str, Any] | None,
     files: ExtraFiles | None,
+    compute_dtype: Any,
 ) -> dict[str, Any]:
     """Write shards, index, config, copied files and prune.json into `folder` (a temporary)."""
     import torch
@@ -394,7 +433,9 @@ def _write(
         plan.layers_before,
         plan.layers_before - len(plan.removed),
         plan.layer_path,
-        {"export_dtype": dtype, **(extra or {})},
+        extra,
+        export_dtype=dtype,
+        compute_dtype=compute_dtype,
     )
     metadata = {"format": "pt", **export._tensor_metadata(record)}
 
@@ -481,30 +522,135 @@ def stream_drop_source(
     overwrite: bool = False,
     extra: Mapping[str, Any] | None = None,
     files: ExtraFiles | None = None,
+    compute_dtype: Any = None,
+    revision: str | None = None,
 ) -> dict[str, Any] | None:
-    """`stream_drop` for what the user typed: a local folder, or a GGUF file (or embedded
-    model) through its cached conversion; None when the model must be loaded instead (a Hub
-    id, no safetensors weights, a checkpoint transformers converts, or a cached conversion
-    that needs repairing, which loading does)."""
+    """`stream_drop` for what the user typed: a local folder, a GGUF file (or embedded model)
+    through its cached conversion, or a Hub id through its snapshot (`hub_checkpoint`, at
+    `revision`, default main: pass the commit the caller loaded to prune the same weights).
+
+    None when the model must be loaded instead: no safetensors weights, a Hub repo that
+    cannot be found or reached (loading says why), a checkpoint transformers converts, or
+    a cached GGUF conversion that needs repairing, which loading does. A failed download
+    of a Hub repo's weights is a PruneError, raised before anything is written to `out`.
+    """
     from prune.models import gguf_checkpoint
 
     source = resolve_source(spec)
-    if source.kind == "local":
-        folder = Path(source.path)
-    elif source.kind in ("gguf", "embedded"):
-        folder = gguf_checkpoint(Path(source.path), source.sha256)
-    else:
-        return None
     try:
+        if source.kind == "local":
+            folder = Path(source.path)
+        elif source.kind == "hub":
+            folder = hub_checkpoint(spec, revision)
+            # As `prune.models.load_model` records a Hub model: the commit it read.
+            source = ModelSource(spec, "hub", None, spec, folder.name, None)
+        else:
+            folder = gguf_checkpoint(Path(source.path), source.sha256)
         plan = plan_stream(folder, layers, spec=spec, source=source)
     except NotStreamable as exc:
         log.info("pruning in memory: %s", exc)
         return None
     except PruneError:
-        if source.kind == "local":
+        if source.kind in ("local", "hub"):
             raise
         return None  # loading repairs a damaged cached conversion, or says what to delete
-    return write_plan(plan, out, export_dtype, max_shard_size, overwrite, extra, files)
+    return write_plan(
+        plan, out, export_dtype, max_shard_size, overwrite, extra, files, compute_dtype
+    )
+
+
+def hub_checkpoint(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of the Hub model `repo_id` at `revision` (default main) in the
+    Hugging Face cache, with its small files (`HUB_SMALL_FILES`) and its safetensors weights:
+    the shards its index lists, else `model.safetensors`; no other file is requested.
+
+    NotStreamable when the repo cannot be found or reached, when offline and its weights are
+    not cached (loading then reports either in its own words, or finds other weights), or
+    when it holds no safetensors weights; PruneError when downloading its weights fails.
+    """
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(HUB_SMALL_FILES),
+                endpoint=endpoint,
+            )
+        )
+    except Exception as exc:
+        cached = getattr(exc, "snapshot_path", None)  # offline: a partly cached snapshot
+        if cached is None:
+            if not _hub_failure(exc):
+                raise
+            raise NotStreamable(
+                f"cannot fetch '{repo_id}' from the Hub: {_first_line(exc)}"
+            ) from exc
+        folder = Path(cached)
+    if not (folder / "config.json").is_file():
+        raise NotStreamable(f"no config.json in the snapshot of '{repo_id}'")
+    listed = (folder / INDEX).is_file()
+    for name in _indexed_files(folder) if listed else [WEIGHTS]:
+        try:
+            # The commit of the snapshot: every file from the same revision, even if the
+            # branch moves meanwhile; a cached file is not requested again.
+            hf_hub_download(repo_id, name, revision=folder.name, endpoint=endpoint)
+        except LocalEntryNotFoundError as exc:
+            if constants.HF_HUB_OFFLINE:
+                raise NotStreamable(f"{name} of '{repo_id}' is not in the cache") from exc
+            raise _download_failed(repo_id, endpoint, exc) from exc
+        except EntryNotFoundError as exc:
+            if not listed:
+                raise NotStreamable(f"'{repo_id}' has no {WEIGHTS} or {INDEX}") from exc
+            raise _download_failed(repo_id, endpoint, exc) from exc
+        except Exception as exc:
+            if not _hub_failure(exc):
+                raise
+            raise _download_failed(repo_id, endpoint, exc) from exc
+    return folder
+
+
+def _indexed_files(folder: Path) -> list[str]:
+    """The weight files the snapshot's safetensors index lists ([] for an unreadable index,
+    or one naming files outside the snapshot: `read_headers` then reports it damaged)."""
+    try:
+        weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    plain = all(
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and ".." not in Path(name).parts
+        and not Path(name).is_absolute()
+        for name in names
+    )
+    return names if plain else []
+
+
+def _hub_failure(exc: BaseException) -> bool:
+    """Whether `exc` is the Hub client's or the network's (not a bug of ours): OSError covers
+    the client's HTTP, offline and cache errors; then its repo id checks, and the HTTP
+    library's transport errors (named, as `prune.hub` does: the library is the client's)."""
+    from huggingface_hub.errors import HFValidationError
+
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, (OSError, HFValidationError)) or bool(
+        names & {"HTTPError", "RequestError"}
+    )
+
+
+def _download_failed(repo_id: str, endpoint: str | None, exc: BaseException) -> PruneError:
+    from huggingface_hub import constants
+
+    return PruneError(
+        f"cannot download the weights of model '{repo_id}' from {endpoint or constants.ENDPOINT}"
+        f" ({_first_line(exc)}); nothing was written: check the network, HF_ENDPOINT or the "
+        "token, then re-run (finished files stay in the Hugging Face cache)"
+    )
 
 
 def source_dtype(loaded: Any) -> str | None:

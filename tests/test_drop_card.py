@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from huggingface_hub import ModelCard
@@ -112,6 +114,20 @@ def test_card_body_says_what_was_removed_how_to_reproduce_and_not_evaluated():
     assert "3 of its 12 transformer blocks" in card and "9 blocks left" in card
     assert "prune drop meta-llama/Llama-3.2-1B --layers 3,4,9 --out pruned/" in card
     assert "not been evaluated" in card and "prune run" in card
+    assert "Weights stored in" not in card  # the record names no dtype
+
+
+@pytest.mark.parametrize(
+    ("compute", "said"),
+    [
+        (None, "`compute_dtype` is null: the model was not run."),
+        ("torch.float32", "computed in float32 (`compute_dtype`)."),
+    ],
+)
+def test_card_says_the_export_and_compute_dtypes(compute, said):
+    card = drop_files(record(export_dtype="bfloat16", compute_dtype=compute))["README.md"]
+    assert "Weights stored in bfloat16 (`export_dtype` in prune.json)" in card
+    assert said in card
 
 
 def test_unknown_base_and_license_are_left_out():
@@ -174,6 +190,10 @@ def test_prune_drop_writes_the_card_and_the_mergekit_config(streamed, tmp_path, 
     assert result.exit_code == 0, result.output
     card = (out / "README.md").read_text()
     assert "not evaluated" in card.lower() and "--layers 1,2,4" in card
+    # Both paths: the source's float32 on disk, nothing computed.
+    record = json.loads((out / "prune.json").read_text())
+    assert record["export_dtype"] == "float32" and record["compute_dtype"] is None
+    assert "Weights stored in float32" in card and "`compute_dtype` is null" in card
     assert slices((out / "mergekit.yaml").read_text()) == [
         (str(source), [0, 1]),
         (str(source), [3, 4]),

@@ -102,6 +102,8 @@ def test_provenance_in_metadata_and_prune_json(tiny_dir, tmp_path):
     assert record["prune_version"] == __version__
     assert record["source"]["kind"] == "local"
     assert record["source"]["path"] == str(tiny_dir.resolve())
+    # Streamed in the source's dtype; a drop runs nothing, so there is no compute dtype.
+    assert record["export_dtype"] == "float32" and record["compute_dtype"] is None
     assert datetime.fromisoformat(record["created"]).tzinfo is not None
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
 
@@ -122,7 +124,21 @@ def test_export_checkpoint_writes_extra_record_fields_and_files(tiny_dir, tmp_pa
     assert (out / "extra" / "data.bin").read_bytes() == b"\x00\x01"
     record = json.loads((out / "prune.json").read_text())
     assert record["method"] == "test" and record["removed_layers"] == [2]
+    assert record["export_dtype"] == "float32" and record["compute_dtype"] is None
     assert _leftovers(out.parent, "out") == []
+
+
+def test_export_records_the_compute_dtype_beside_the_export_dtype(tiny_dir, tmp_path):
+    # What `prune run` does when it cannot stream: evaluated in float32, written in bfloat16.
+    loaded = load_model(str(tiny_dir), dtype="float32")
+    removal = drop_layers(loaded.model, [1])
+    loaded.model.to(torch.bfloat16)
+    out = export_checkpoint(
+        loaded, tmp_path / "out", removal.removed, 4, compute_dtype=torch.float32
+    )
+    record = json.loads((out / "prune.json").read_text())
+    assert record["export_dtype"] == "bfloat16" and record["compute_dtype"] == "float32"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize(

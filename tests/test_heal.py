@@ -411,3 +411,48 @@ def test_export_dtype_is_separate_from_the_compute_dtype(variant, calibration, t
     healing = json.loads((out / "prune.json").read_text())["healing"]
     assert healing["compute_dtype"] == "float32" and healing["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_healed_card_replaces_the_variant_scores_in_its_metadata():
+    from prune.heal_card import healed_card
+
+    card = (
+        "---\nlicense: apache-2.0\ntags: [pruned]\nmodel-index:\n- name: m-cosine\n"
+        "  results:\n  - dataset: {name: PIQA, type: piqa}\n    metrics:\n"
+        "    - {type: acc, value: 0.6}\n---\n\n# m-cosine\n\n## Use\n\ntext\n"
+    )
+    heldout = {
+        "chunks": 3, "kl_before": 1.0, "kl_after": 0.5,
+        "kl_change": {"diff": -0.5, "ci95": [-0.6, -0.4]},
+        "perplexity_before": 20.0, "perplexity_after": 15.0, "perplexity_ratio": 0.75,
+        "perplexity_ratio_ci95": [0.7, 0.8], "teacher_perplexity": 10.0,
+    }  # fmt: skip
+    healing = {
+        "method": "full", "steps": 2, "lr": 1e-5, "batch_size": 1, "grad_accum": 1,
+        "seq_len": 8, "teacher": "base", "lm_weight": 0.0, "train_texts": 9,
+        "calibration": "x", "heldout_texts": 1, "heldout": heldout, "seed": 0,
+        "loss": {"first": 1.0, "last": 0.5}, "seconds": 1.0,
+    }  # fmt: skip
+    tasks = {
+        "tasks": ["local_piqa"], "limit": 10, "num_fewshot": 0,
+        "scores": {"local_piqa": {"metric": "acc", "before": 0.6, "after": 0.7,
+                                  "stderr_before": 0.1, "stderr_after": 0.1, "documents": 10}},
+        "mean_before": 0.6, "mean_after": 0.7,
+        "change": {"diff": 0.1, "ci95": [-0.1, 0.3], "documents": 10, "stderr": 0.1},
+        "distinguishable": False,
+    }  # fmt: skip
+    scored = parse_front_matter(
+        healed_card(card, None, {"healing": {**healing, "tasks": tasks}}, "v")
+    )
+    (entry,) = scored["model-index"]
+    assert entry["name"] == "m-cosine-healed"
+    assert [m["value"] for r in entry["results"] for m in r["metrics"]] == [0.7]
+    unscored = parse_front_matter(healed_card(card, None, {"healing": healing}, "v"))
+    assert "model-index" not in unscored and "healed" in unscored["tags"]
+
+
+def test_healed_record_names_both_dtypes(variant, calibration, tmp_path):
+    out = tmp_path / "healed"
+    _heal(variant, out, calibration, "lora", steps=2)
+    record = json.loads((out / "prune.json").read_text())
+    assert record["compute_dtype"] == "float32" and record["export_dtype"] == "float32"

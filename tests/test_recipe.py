@@ -289,7 +289,7 @@ def test_unknown_keys_list_the_known_ones_and_bookkeeping_is_not_a_key():
         parse_recipe("model: m\nraw_text: x\nprune: {remove: 2, xyzzy: 1}\n", depth=30)
     assert info.value.problems == [
         "raw_text: unknown key (known: model, dtype, device, device_map, max_memory, data_dir, "
-        "seed, description, calibration, strategies, evaluation, prune, export, push)",
+        "seed, description, calibration, strategies, evaluation, prune, export, push, heal)",
         "prune.xyzzy: unknown key (known: schedule, remove, keep, fraction, max_drop, protect)",
     ]
 
@@ -316,6 +316,7 @@ def test_settings_keep_their_json_shape():
     assert list(settings) == [
         "model", "dtype", "device", "device_map", "max_memory", "data_dir", "seed",
         "description", "calibration", "strategies", "evaluation", "prune", "export", "push",
+        "heal",
     ]  # fmt: skip
     # the effective ranking tasks are written out (cosine ranks on the calibration text)
     assert settings["strategies"] == [
@@ -341,6 +342,7 @@ def test_settings_keep_their_json_shape():
     }
     assert settings["export"] == {"out": None, "max_shard_size": "2GB"}
     assert settings["prune"]["remove"] == 6 and settings["prune"]["protect"] == []
+    assert settings["heal"] is None  # no section, no healing
 
 
 def test_every_registered_measure_is_a_strategy():
@@ -476,3 +478,80 @@ def test_the_readme_recipe_reference_is_a_valid_recipe():
     recipe = parse_recipe(block, depth=30)
     keys = [s.key(recipe.prune.schedule) for s in recipe.strategies]
     assert keys == ["cosine", "accuracy", "kl-span2", "kl-lazy"]
+
+
+# (heal section, the one problem it must produce)
+BAD_HEAL = [
+    ("{stepz: 3}", "heal.stepz: unknown key (did you mean 'steps'?)"),
+    ("{steps: 0}", "heal.steps: must be >= 1, got 0"),
+    ("{method: foo}", "heal.method: must be one of lora, full, adjacent, got 'foo'"),
+    ("{method: ful}", "heal.method: must be one of lora, full, adjacent, got 'ful' (did you mean"),
+    ("{steps: two}", "heal.steps: must be an integer, got 'two'"),
+    ("{lr: 0}", "heal.lr: must be > 0, got 0"),
+    ("{lr: fast}", "heal.lr: must be a number, got 'fast'"),
+    ("{lm_weight: -1}", "heal.lm_weight: must be >= 0, got -1"),
+    ("{seq_len: 1}", "heal.seq_len: must be >= 2, got 1"),
+    ("{samples: 1}", "heal.samples: must be >= 2 (one text to train on, one held out), got 1"),
+    ("{dtype: fp8}", "heal.dtype: must be one of auto, float32, bfloat16, float16, got 'fp8'"),
+    ("{calibration: missing/texts.txt}", "heal.calibration: "),
+    ("5", "heal: must be a mapping, got 5"),
+]
+
+
+@pytest.mark.parametrize(("section", "problem"), BAD_HEAL, ids=[b[0] for b in BAD_HEAL])
+def test_a_bad_heal_section_is_one_clear_problem(section, problem):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(GOOD + f"heal: {section}\n", "r.yaml", depth=30)
+    (line,) = info.value.problems
+    assert line.startswith(problem), line
+
+
+def test_a_heal_section_maps_onto_heal_settings():
+    from prune.heal import HealSettings
+    from prune.pipeline import heal_settings
+
+    assert parse_recipe(GOOD, depth=30).heal is None
+    empty = parse_recipe(GOOD + "heal:\n", depth=30)  # an empty section heals with the defaults
+    assert heal_settings(empty) == HealSettings()
+    recipe = parse_recipe(
+        GOOD + "seed: 7\ndtype: float32\ncalibration: {source: default}\n"
+        "heal: {method: full, steps: 3, lr: 1e-5, samples: 16, teacher: other/model}\n",
+        depth=30,
+    )
+    assert recipe.heal.teacher == "other/model" and recipe.heal.lr == 1e-5  # YAML's '1e-5' text
+    settings = heal_settings(recipe)
+    assert settings == HealSettings(
+        method="full", steps=3, lr=1e-5, samples=16, seed=7, dtype="float32", calibration=None
+    )
+    settings.check()  # what validates here, heal_variant accepts
+
+
+def test_healing_adds_healed_variants_to_what_publish_accepts():
+    healing = GOOD + "heal: {steps: 2}\n"
+    recipe = parse_recipe(
+        healing + "push: {repo_id: 'me/m-{strategy}', publish: cosine-healed}\n", depth=30
+    )
+    assert recipe.variant_names() == ["cosine", "accuracy", "cosine-healed", "accuracy-healed"]
+    with pytest.raises(RecipeError, match="push.publish: must be one of"):
+        parse_recipe(
+            GOOD + "push: {repo_id: 'me/m-{strategy}', publish: cosine-healed}\n", depth=30
+        )
+    # one strategy and its healed copy are two repos: 'all' needs the placeholder
+    with pytest.raises(RecipeError, match=r"'all' pushes every strategy's variant"):
+        parse_recipe(
+            "model: m\nstrategies: [cosine]\nprune: {remove: 2}\nheal: {}\n"
+            "push: {repo_id: me/m, publish: all}\n",
+            depth=30,
+        )
+    with pytest.raises(RecipeError, match=r"strategies\[1\]: the variant name 'cosine-healed'"):
+        parse_recipe(
+            "model: m\nstrategies: [cosine, {name: kl, variant: cosine-healed}]\n"
+            "prune: {remove: 2}\nheal: {}\n",
+            depth=30,
+        )
+
+
+def test_healing_on_the_default_text_while_reporting_lambada_warns():
+    lambada = GOOD + "evaluation: {tasks: [local_piqa, local_lambada]}\nheal: {steps: 2}\n"
+    assert any(w.startswith("heal: trains on") for w in parse_recipe(lambada, depth=30).warnings)
+    assert not any(w.startswith("heal:") for w in parse_recipe(GOOD + "heal:\n", depth=30).warnings)

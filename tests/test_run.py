@@ -102,7 +102,11 @@ def test_run_writes_the_whole_layout(recipe, tmp_path):
         record = json.loads((folder / "prune.json").read_text())
         assert record["removed_layers"] == sorted(data["removed"])
         assert record["strategy"] == name
+        # streamed from the float32 tiny source, computed in the recipe's float32
+        assert record["export_dtype"] == "float32" and record["compute_dtype"] == "float32"
+        assert "dtype: float32" in (folder / "mergekit.yaml").read_text()
         card = (folder / "README.md").read_text()
+        assert "Weights stored in float32" in card and "computed in float32" in card
         meta = parse_front_matter(card)
         assert meta["library_name"] == "transformers" and "pruned" in meta["tags"]
         (entry,) = meta["model-index"]

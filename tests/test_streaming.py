@@ -114,6 +114,7 @@ def test_streaming_drop_matches_the_in_memory_path(model_type, layers, tmp_path,
         assert record[key] == in_memory[key], key
     assert record["removed_layers_original"] == removed
     assert record["export_dtype"] == in_memory["export_dtype"] == "bfloat16"
+    assert record["compute_dtype"] is None and in_memory["compute_dtype"] is None
     with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as fh:
         assert json.loads(fh.metadata()["prune.removed_layers"]) == removed
     assert (out / "tokenizer.json").exists() and (out / "generation_config.json").exists()
@@ -160,6 +161,15 @@ def test_stream_drop_writes_extra_files_and_record_fields(tmp_path):
     ).exists()
     assert record == json.loads((out / "prune.json").read_text())
     assert record["removed_layers"] == [3] and record["why"] == "test"
+    assert record["export_dtype"] == "bfloat16" and record["compute_dtype"] is None
+
+
+def test_stream_drop_records_the_compute_dtype_it_is_given(tmp_path):
+    # `prune run` evaluated the model in float32; the streamed weights stay bfloat16.
+    src = save_sharded_bf16(tmp_path / "src", "llama", num_layers=4)
+    record = stream_drop(src, tmp_path / "out", [0], compute_dtype=torch.float32)
+    assert record["export_dtype"] == "bfloat16" and record["compute_dtype"] == "float32"
+    assert {t.dtype for t in read_tensors(tmp_path / "out").values()} == {torch.bfloat16}
 
 
 def test_damaged_shard_is_one_error_line(tmp_path):

@@ -64,6 +64,7 @@ bench-heal: $(STAMP) ## heal the demo's kl variant of SmolLM2 (HEAL_LAYERS remov
 	HF_HUB_OFFLINE=1 $(BIN)/prune -q drop smollm2-135m --layers $(HEAL_LAYERS) --out $(HEAL_OUT)/pruned --overwrite
 	HF_HUB_OFFLINE=1 /usr/bin/time -v -o $(HEAL_OUT)/time.txt $(BIN)/prune heal $(HEAL_OUT)/pruned --out $(HEAL_OUT)/healed --overwrite $(HEAL_ARGS)
 	@grep -E "Elapsed|Maximum resident" $(HEAL_OUT)/time.txt
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/score_models.py smollm2-135m $(HEAL_OUT)/pruned $(HEAL_OUT)/healed --limit 500 --out $(HEAL_OUT)/scores.json
 
 study: $(STAMP) ## which ranking signal to trust: stability and held-out evidence (STUDY_ARGS="--model gemma3-270m")
 	HF_HUB_OFFLINE=1 nice $(BIN)/python benchmarks/study_signals.py $(STUDY_ARGS)

@@ -264,6 +264,7 @@ def heal_variant(
     overwrite: bool = False,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> HealResult:
     """`prune heal`: distil `teacher` into the pruned `variant` folder and export to `out`.
 
@@ -285,6 +286,7 @@ def heal_variant(
         overwrite: replace `out`, and discard an unfinished run's state.
         progress: show the tqdm bar.
         on_step: called with (step, loss) after each optimizer step.
+        extra: more top-level prune.json fields (e.g. `prune run`'s run fingerprint).
 
     Raises:
         PruneError: bad settings or folders, no teacher known, vocabularies that differ.
@@ -423,7 +425,16 @@ def heal_variant(
     if target is not None:
         model.to(getattr(torch, target))  # floating tensors only
     healing["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
-    _export(student, model, variant, out, record, healing, num_blocks, overwrite)
+    _export(
+        student,
+        model,
+        variant,
+        out,
+        record,
+        {**(extra or {}), "healing": healing},
+        num_blocks,
+        overwrite,
+    )
     shutil.rmtree(state_dir, ignore_errors=True)
     return HealResult(out, healing)
 
@@ -557,12 +568,13 @@ def _export(
     variant: Path,
     out: Path,
     record: Mapping[str, Any] | None,
-    healing: dict[str, Any],
+    fields: dict[str, Any],
     num_blocks: int,
     overwrite: bool,
 ) -> None:
-    """Write the healed model: no block removed in this step, so the chain in prune.json
-    (see `prune.export`) keeps the variant's cut; the card is the variant's plus Healing."""
+    """Write the healed model with `fields` (`healing` and any extra) in its prune.json: no
+    block removed in this step, so the chain (see `prune.export`) keeps the variant's cut;
+    the card is the variant's plus Healing."""
     from prune.export import export_checkpoint
     from prune.heal_card import healed_card
     from prune.models import LoadedModel
@@ -582,7 +594,7 @@ def _export(
         [],
         num_blocks,
         overwrite=overwrite,
-        extra={"healing": healing},
+        extra=fields,
         files=files,
-        compute_dtype=healing["compute_dtype"],
+        compute_dtype=fields["healing"]["compute_dtype"],
     )

@@ -761,7 +761,7 @@ def _heal_variant(
     fingerprint: str,
     resume: bool,
 ) -> None:
-    """Heal `folder` into `healed` and stamp its prune.json with the run's `fingerprint`.
+    """Heal `folder` into `healed`, its prune.json stamped with the run's `fingerprint`.
 
     With `resume` (an earlier run's variant kept as it was), an interrupted heal's saved
     state is continued; a state that turns out not to fit (another heal section) is
@@ -779,6 +779,7 @@ def _heal_variant(
         data_dir=run.recipe.data_dir,
         overwrite=True,
         progress=run.progress,
+        extra={"run_fingerprint": fingerprint},
     )
     state = state_dir_for(healed) / STATE_FILE
     done = False
@@ -795,9 +796,6 @@ def _heal_variant(
             run.echo(f"[{healed.name}] healing from the start: {exc}")
     if not done:
         heal_variant(folder, healed, **kwargs)
-    record = json.loads((healed / "prune.json").read_text())
-    record["run_fingerprint"] = fingerprint
-    write_file(healed / "prune.json", json.dumps(record, indent=2) + "\n")
 
 
 def _healed_done(healed: Path, folder: Path, fingerprint: str, echo: Echo) -> bool:

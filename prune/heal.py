@@ -27,6 +27,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -48,7 +49,7 @@ from prune.defaults import (
     SEED,
 )
 from prune.errors import PruneError
-from prune.export import PRUNE_JSON, check_output_dir
+from prune.export import PRUNE_JSON, check_output_dir, dtype_name
 from prune.heal_data import batch_rows, chunk_tokens, learning_rate, split_texts
 from prune.heal_measure import (
     compare_heldout,
@@ -56,10 +57,12 @@ from prune.heal_measure import (
     distillation_loss,
     heldout_scores,
     loss_summary,
+    outcome_values,
     task_outcomes,
 )
 from prune.heal_state import (
     STATE_FILE,
+    HealStateMismatch,
     Progress,
     load_state,
     prepare_state_dir,
@@ -70,22 +73,11 @@ from prune.heal_state import (
     trainable_state,
 )
 from prune.models import pruned_record
+from prune.streaming import source_dtype
 
 log = logging.getLogger(__name__)
 
 MAX_GRAD_NORM = 1.0
-
-__all__ = [
-    "HealResult",
-    "HealSettings",
-    "adjacent_blocks",
-    "batch_rows",
-    "chunk_tokens",
-    "heal_variant",
-    "heldout_scores",
-    "split_texts",
-    "state_dir_for",
-]
 
 
 @dataclass(frozen=True)
@@ -119,10 +111,10 @@ class HealSettings:
                 problems.append(f"{name} {getattr(self, name)} (accepted: an integer >= 1)")
         if self.seq_len < 2:
             problems.append(f"seq_len {self.seq_len} (accepted: an integer >= 2)")
-        if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr {self.lr} (accepted: a number > 0)")
-        if not self.lm_weight >= 0:
-            problems.append(f"lm_weight {self.lm_weight} (accepted: a number >= 0)")
+        if self.lr is not None and not 0 < self.lr < math.inf:
+            problems.append(f"lr {self.lr} (accepted: a finite number > 0)")
+        if not 0 <= self.lm_weight < math.inf:
+            problems.append(f"lm_weight {self.lm_weight} (accepted: a finite number >= 0)")
         if problems:
             raise PruneError("bad healing settings: " + "; ".join(problems))
 
@@ -255,6 +247,7 @@ def heal_variant(
     teacher: str | None = None,
     settings: HealSettings = HealSettings(),
     report: Any | None = None,
+    report_before: Mapping[str, Any] | None = None,
     engine: str = "auto",
     export_dtype: str = "auto",
     device: str = "auto",
@@ -265,6 +258,7 @@ def heal_variant(
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
     extra: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
 ) -> HealResult:
     """`prune heal`: distil `teacher` into the pruned `variant` folder and export to `out`.
 
@@ -276,9 +270,11 @@ def heal_variant(
         settings: what decides the healed weights (see `HealSettings`).
         report: `EvalSettings` of report tasks scored before and after healing (paired
             over documents); None scores none.
+        report_before: the variant's `report` scores (task -> TaskScore with per-document
+            outcomes) when the caller has them (`prune run`); None: measured here.
         engine: the evaluation engine for `report` ("auto", "fast", "lm-eval").
-        export_dtype: the dtype written; "auto": `settings.dtype` when it is not "auto"
-            (as `prune drop` does), else the variant's checkpoint dtype.
+        export_dtype: the dtype written; "auto": the variant's checkpoint dtype (training
+            in float32 does not double the size of a bfloat16 variant).
         device: where both models run.
         data_dir: benchmark data folder, for the default calibration text.
         checkpoint_every: save a resumable state every N steps (0: only on Ctrl-C).
@@ -287,6 +283,7 @@ def heal_variant(
         progress: show the tqdm bar.
         on_step: called with (step, loss) after each optimizer step.
         extra: more top-level prune.json fields (e.g. `prune run`'s run fingerprint).
+        repo_id: the Hub repo the card's Use section loads (default: a folder path).
 
     Raises:
         PruneError: bad settings or folders, no teacher known, vocabularies that differ.
@@ -333,7 +330,7 @@ def heal_variant(
         **asdict(settings),
         "teacher": teacher,
         "variant": str(variant.resolve()),
-        "report": None if report is None else _report_key(report),
+        "report": None if report is None else _report_key(report, engine),
     }
     saved = load_state(state_dir, fingerprint) if resume else None
     if saved is not None:
@@ -341,9 +338,17 @@ def heal_variant(
     else:
         started = time.perf_counter()
         before = heldout_scores(student.model, teacher_model, heldout, settings.batch_size, dev)
-        tasks_before = (
-            task_outcomes(student.model.eval(), tokenizer, report, engine) if report else None
-        )
+        tasks_before = None
+        if report is not None and report_before is not None:
+            tasks_before = outcome_values(report_before)
+        elif report is not None:
+            tasks_before = task_outcomes(student.model.eval(), tokenizer, report, engine)
+        if report is not None and not tasks_before:
+            raise PruneError(
+                f"the report tasks {', '.join(report.tasks)} give no per-document outcomes "
+                "to compare before and after healing (use multiple-choice or loglikelihood "
+                "tasks, or --tasks none)"
+            )
         seconds = time.perf_counter() - started
 
     torch.manual_seed(settings.seed)  # LoRA's initial A matrices, dropout
@@ -353,7 +358,7 @@ def heal_variant(
     if saved is not None:
         unexpected = model.load_state_dict(saved["trainable"], strict=False).unexpected_keys
         if unexpected or set(saved["trainable"]) != set(trainable_state(model)):
-            raise PruneError(
+            raise HealStateMismatch(
                 f"the saved healing state in '{state_dir}' does not fit this model "
                 "(pass --overwrite instead of --resume to start again)"
             )
@@ -391,6 +396,12 @@ def heal_variant(
         model = model.merge_and_unload()  # plain transformers modules with merged weights
     model.eval()
     model.requires_grad_(False)
+    compute = next(model.parameters()).dtype
+    target = export_dtype if export_dtype != "auto" else source_dtype(student)
+    if target is not None and getattr(torch, target) != compute:
+        # Measure the weights that will be written (rounded to the export dtype), in the
+        # compute dtype, as loading the healed folder to evaluate it would.
+        model.to(getattr(torch, target)).to(compute)
     after = heldout_scores(model, teacher_model, heldout, settings.batch_size, dev)
     tasks = None
     if report is not None:
@@ -413,18 +424,14 @@ def heal_variant(
         "train_chunks": len(train),
         "heldout_texts": len(heldout_texts),
         "seed": settings.seed,
-        "compute_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "compute_dtype": dtype_name(compute),
         "loss": loss_summary(state.losses),
         "heldout": compare_heldout(before, after, settings.seed),
         **({"tasks": tasks} if tasks is not None else {}),
         "seconds": round(state.seconds + time.perf_counter() - started, 1),
     }
-    target = export_dtype if export_dtype != "auto" else settings.dtype
-    if target == "auto":
-        target = _checkpoint_dtype(student)
     if target is not None:
         model.to(getattr(torch, target))  # floating tensors only
-    healing["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     _export(
         student,
         model,
@@ -434,6 +441,7 @@ def heal_variant(
         {**(extra or {}), "healing": healing},
         num_blocks,
         overwrite,
+        repo_id,
     )
     shutil.rmtree(state_dir, ignore_errors=True)
     return HealResult(out, healing)
@@ -462,21 +470,19 @@ def _trained_blocks(variant: Path, record: Mapping[str, Any], num_blocks: int) -
     return blocks
 
 
-def _report_key(report: Any) -> dict[str, Any]:
-    """The report settings that decide its scores (part of a resumable state's fingerprint)."""
+def _report_key(report: Any, engine: str) -> dict[str, Any]:
+    """What decides the report scores (part of a resumable state's fingerprint): the scores
+    saved before healing are paired with those after, document by document."""
     return {
         "tasks": list(report.tasks),
         "limit": report.limit,
         "num_fewshot": report.num_fewshot,
         "metric": report.task_metric,
+        "data_dir": report.data_dir,
+        "include_path": report.include_path,
+        "seed": report.seed,
+        "engine": engine,
     }
-
-
-def _checkpoint_dtype(loaded: Any) -> str | None:
-    """The dtype the variant's checkpoint declares, or None (then the compute dtype stays)."""
-    from prune.streaming import source_dtype
-
-    return source_dtype(loaded)
 
 
 def _train(
@@ -571,6 +577,7 @@ def _export(
     fields: dict[str, Any],
     num_blocks: int,
     overwrite: bool,
+    repo_id: str | None = None,
 ) -> None:
     """Write the healed model with `fields` (`healing` and any extra) in its prune.json: no
     block removed in this step, so the chain (see `prune.export`) keeps the variant's cut;
@@ -586,7 +593,7 @@ def _export(
     healed = LoadedModel(model, student.tokenizer, student.source, student.checkpoint_dir)
 
     def files(new_record: Mapping[str, Any]) -> dict[str, str]:
-        return {"README.md": healed_card(card, record, new_record, str(variant))}
+        return {"README.md": healed_card(card, record, new_record, str(variant), repo_id)}
 
     export_checkpoint(
         healed,

@@ -14,6 +14,7 @@ from typing import Any
 
 from prune.card import (
     base_metadata,
+    dtype_sentence,
     model_index_results,
     parse_front_matter,
     render_front_matter,
@@ -21,7 +22,8 @@ from prune.card import (
 from prune.drop_card import MERGEKIT_FILE, render_drop_card
 
 HEALED_TAG = "healed"
-REPLACED_SECTIONS = ("## Not evaluated", "## Healing")
+REPLACED_SECTIONS = ("## Not evaluated", "## Healing", "## Use")
+DTYPE_LINE = "Weights stored in "  # how `prune.card.dtype_sentence` begins
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -127,6 +129,23 @@ def _healed_model_index(meta: dict[str, Any], healing: Mapping[str, Any]) -> Non
     ]
 
 
+def _use_section(repo_id: str | None) -> str:
+    where = repo_id or "path/to/this/folder"
+    return "\n".join(
+        [
+            "## Use",
+            "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+            "```",
+            "",
+        ]
+    )
+
+
 def _split_sections(body: str) -> list[str]:
     """`body` cut before each `## ` heading (the first piece is what precedes them)."""
     pieces: list[str] = []
@@ -145,9 +164,12 @@ def healed_card(
     variant_record: Mapping[str, Any] | None,
     record: Mapping[str, Any],
     variant: str,
+    repo_id: str | None = None,
 ) -> str:
     """README.md of a healed folder from the variant's card (None: none), the variant's
-    prune.json record (None: none) and the healed folder's record (with `healing`)."""
+    prune.json record (None: none) and the healed folder's record (with `healing`); the
+    Use section loads `repo_id` (default: a folder path), and the dtypes are the healed
+    folder's."""
     if card is None:
         if variant_record is not None:
             card = render_drop_card(variant_record)
@@ -174,13 +196,19 @@ def healed_card(
         _healed_model_index(meta, record["healing"])
     section = render_healing_section(record["healing"], variant)
     # mergekit reproduces the cut, not the healed weights, and the file stays behind.
-    lines = [ln for ln in body.split("\n") if f"`{MERGEKIT_FILE}`" not in ln]
+    lines = [
+        ln
+        for ln in body.split("\n")
+        if f"`{MERGEKIT_FILE}`" not in ln and not ln.startswith(DTYPE_LINE)
+    ]
     title = next((i for i, ln in enumerate(lines) if ln.startswith("# ")), None)
     if title is not None and not lines[title].endswith(", healed"):
         lines[title] += ", healed"
     pieces = _split_sections("\n".join(lines).rstrip("\n") + "\n")
     kept = [p for p in pieces if not p.startswith(REPLACED_SECTIONS)]
     at = next((i for i, p in enumerate(kept) if p.startswith("## ")), len(kept))
-    kept.insert(at, section)
+    kept[at:at] = [section, _use_section(repo_id)]
+    if at and (dtypes := dtype_sentence(record)):
+        kept[at - 1] = kept[at - 1].rstrip("\n") + "\n\n" + dtypes + "\n"
     text = "\n".join(p.rstrip("\n") + "\n" for p in kept)
     return (render_front_matter(meta) + "\n" + text) if meta else text

@@ -100,8 +100,14 @@ def task_outcomes(model: Any, tokenizer: Any, settings: Any, engine: str) -> dic
     "value", "stderr", "documents": {doc_id: the metric's value}} (plain numbers only)."""
     from prune.evaluate.removals import evaluate
 
+    return outcome_values(evaluate(model, tokenizer, settings, engine=engine))
+
+
+def outcome_values(scores: Mapping[str, Any]) -> dict[str, Any]:
+    """TaskScores (task -> TaskScore) in the form `task_outcomes` returns; scores without
+    per-document outcomes (a group's aggregate row) are left out."""
     out = {}
-    for task, score in evaluate(model, tokenizer, settings, engine=engine).items():
+    for task, score in scores.items():
         if score.outcomes is None:
             continue  # a group's aggregate row: its member tasks carry the documents
         out[task] = {

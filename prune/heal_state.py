@@ -14,6 +14,24 @@ from prune.atomic import atomic_path
 from prune.errors import PruneError
 
 STATE_FILE = "state.pt"
+SAVED_KEYS = frozenset(
+    {
+        "settings",
+        "step",
+        "losses",
+        "seconds",
+        "rng",
+        "trainable",
+        "optimizer",
+        "before",
+        "tasks_before",
+    }
+)
+
+
+class HealStateMismatch(PruneError):
+    """The saved state cannot continue this heal (damaged, older, or other settings); only
+    starting again helps. Other errors while resuming leave the state as it is."""
 
 
 @dataclass
@@ -77,17 +95,22 @@ def load_state(state_dir: Path, fingerprint: Mapping[str, Any]) -> dict[str, Any
     try:
         saved = torch.load(state_dir / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged files
-        raise PruneError(
+        raise HealStateMismatch(
             f"cannot read the saved healing state '{state_dir / STATE_FILE}': {exc} "
             "(pass --overwrite instead of --resume to start again)"
         ) from exc
+    if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
+        raise HealStateMismatch(
+            f"the saved healing state '{state_dir / STATE_FILE}' lacks what this version of "
+            "prune saves (pass --overwrite instead of --resume to start again)"
+        )
     differing = [
         f"{k} {saved['settings'].get(k)!r} -> {v!r}"
         for k, v in fingerprint.items()
         if saved["settings"].get(k) != v
     ]
     if differing:
-        raise PruneError(
+        raise HealStateMismatch(
             "--resume needs the settings of the interrupted run; these differ: "
             + ", ".join(differing)
             + " (pass --overwrite instead of --resume to start again)"

@@ -768,8 +768,10 @@ def _heal_variant(
     discarded before the first step and the heal starts over.
     """
     from prune.heal import heal_variant
-    from prune.heal_state import STATE_FILE, state_dir_for
+    from prune.heal_state import STATE_FILE, HealStateMismatch, state_dir_for
 
+    name = folder.name
+    layers = run.comparison["strategies"][name]["final"]["layers"]
     kwargs = dict(
         teacher=teacher,
         settings=settings,
@@ -780,19 +782,16 @@ def _heal_variant(
         overwrite=True,
         progress=run.progress,
         extra={"run_fingerprint": fingerprint},
+        report_before=run.finals[name],  # the raw variant's scores: not measured twice
+        repo_id=_repo_for(run.recipe, healed.name, layers),
     )
     state = state_dir_for(healed) / STATE_FILE
     done = False
     if resume and state.is_file():
-        stepped = []
         try:
-            heal_variant(
-                folder, healed, resume=True, on_step=lambda *_: stepped.append(1), **kwargs
-            )
+            heal_variant(folder, healed, resume=True, **kwargs)
             done = True
-        except PruneError as exc:
-            if stepped:  # it trained, so the state fitted: this is another problem
-                raise
+        except HealStateMismatch as exc:  # other errors keep the state for the next resume
             run.echo(f"[{healed.name}] healing from the start: {exc}")
     if not done:
         heal_variant(folder, healed, **kwargs)

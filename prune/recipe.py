@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -747,13 +748,13 @@ def _check_heal(recipe: Settings, problems: list[str], warnings: list[str]) -> N
         )
     _choice(heal.method, defaults.HEAL_METHODS, "heal.method", problems)
     _at_least(heal.steps, 1, "heal.steps", problems)
-    if heal.lr is not None and not heal.lr > 0:
-        problems.append(f"heal.lr: must be > 0, got {heal.lr:g}")
+    if heal.lr is not None and not 0 < heal.lr < math.inf:
+        problems.append(f"heal.lr: must be a finite number > 0, got {heal.lr:g}")
     _at_least(heal.batch_size, 1, "heal.batch_size", problems)
     _at_least(heal.seq_len, 2, "heal.seq_len", problems)
     _at_least(heal.grad_accum, 1, "heal.grad_accum", problems)
-    if not heal.lm_weight >= 0:
-        problems.append(f"heal.lm_weight: must be >= 0, got {heal.lm_weight:g}")
+    if not 0 <= heal.lm_weight < math.inf:
+        problems.append(f"heal.lm_weight: must be a finite number >= 0, got {heal.lm_weight:g}")
     _at_least(heal.lora_rank, 1, "heal.lora_rank", problems)
     if heal.samples < 2:  # HealSettings accepts 1, but the split needs one text of each kind
         problems.append(

@@ -13,13 +13,9 @@ from tiny import save_tiny_checkpoint
 from prune.card import parse_front_matter
 from prune.cli import cli
 from prune.errors import PruneError
-from prune.heal import (
-    HealSettings,
-    adjacent_blocks,
-    batch_rows,
-    heal_variant,
-    state_dir_for,
-)
+from prune.heal import HealSettings, adjacent_blocks, heal_variant
+from prune.heal_data import batch_rows
+from prune.heal_state import state_dir_for
 
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven wise owls watch from old trees".split()
@@ -100,7 +96,8 @@ def test_export_loads_keeps_blocks_and_equals_merged_model(variant, calibration,
     from transformers import AutoTokenizer
 
     from prune.calibration import load_calibration
-    from prune.heal import chunk_tokens, heldout_scores, split_texts
+    from prune.heal_data import chunk_tokens, split_texts
+    from prune.heal_measure import heldout_scores
 
     texts = load_calibration(str(calibration), samples=40)
     _, held_texts = split_texts(texts, HealSettings().seed)
@@ -300,9 +297,14 @@ def test_bfloat16_heals_and_exports_bfloat16(variant, calibration, tmp_path):
 
     out = tmp_path / "healed"
     result = _heal(variant, out, calibration, "lora", dtype="bfloat16", steps=4)
-    assert result.healing["dtype"] == "bfloat16"
-    assert json.loads((out / "prune.json").read_text())["export_dtype"] == "bfloat16"
-    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    assert result.healing["compute_dtype"] == "bfloat16"
+    record = json.loads((out / "prune.json").read_text())
+    # written in the variant's float32 (training in another dtype does not change it)
+    assert record["export_dtype"] == "float32" and record["compute_dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32
+    card = (out / "README.md").read_text()
+    assert "Weights stored in float32 (`export_dtype` in prune.json); computed in bfloat16" in card
+    assert "the model was not run" not in card  # the variant's sentence is replaced
 
 
 def test_finished_training_is_saved_before_export(variant, calibration, tmp_path, monkeypatch):
@@ -409,7 +411,8 @@ def test_export_dtype_is_separate_from_the_compute_dtype(variant, calibration, t
     result = CliRunner().invoke(cli, [*args, "--tasks", "none", "--export-dtype", "bfloat16"])
     assert result.exit_code == 0, result.output
     healing = json.loads((out / "prune.json").read_text())["healing"]
-    assert healing["compute_dtype"] == "float32" and healing["dtype"] == "bfloat16"
+    record = json.loads((out / "prune.json").read_text())
+    assert healing["compute_dtype"] == "float32" and record["export_dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
@@ -447,6 +450,15 @@ def test_healed_card_replaces_the_variant_scores_in_its_metadata():
     (entry,) = scored["model-index"]
     assert entry["name"] == "m-cosine-healed"
     assert [m["value"] for r in entry["results"] for m in r["metrics"]] == [0.7]
+    text = healed_card(
+        card,
+        None,
+        {"healing": healing, "export_dtype": "bfloat16", "compute_dtype": "float32"},
+        "v",
+        "me/m-cosine-healed",
+    )
+    assert 'from_pretrained("me/m-cosine-healed")' in text and "\ntext\n" not in text
+    assert "Weights stored in bfloat16" in text and "computed in float32" in text
     unscored = parse_front_matter(healed_card(card, None, {"healing": healing}, "v"))
     assert "model-index" not in unscored and "healed" in unscored["tags"]
 
@@ -456,3 +468,39 @@ def test_healed_record_names_both_dtypes(variant, calibration, tmp_path):
     _heal(variant, out, calibration, "lora", steps=2)
     record = json.loads((out / "prune.json").read_text())
     assert record["compute_dtype"] == "float32" and record["export_dtype"] == "float32"
+
+
+def test_settings_refuse_infinite_numbers():
+    with pytest.raises(PruneError, match="lm_weight inf"):
+        HealSettings(lm_weight=float("inf")).check()
+    with pytest.raises(PruneError, match="lr inf"):
+        HealSettings(lr=float("inf")).check()
+
+
+def test_a_state_saved_without_what_this_version_saves_is_a_mismatch(tmp_path):
+    from prune.heal_state import HealStateMismatch, load_state, save_state
+
+    save_state(tmp_path, {"settings": {}, "step": 3})
+    with pytest.raises(HealStateMismatch, match="--overwrite"):
+        load_state(tmp_path, {})
+
+
+def test_an_error_while_resuming_keeps_the_saved_state(variant, calibration, tmp_path):
+    """Only a state that cannot continue is replaced: a missing teacher on resume leaves
+    the saved steps for the next try."""
+    out = tmp_path / "healed"
+
+    def stop_at_two(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _heal(variant, out, calibration, "lora", steps=4, on_step=stop_at_two)
+    state = state_dir_for(out) / "state.pt"
+    saved = state.read_bytes()
+    with pytest.raises(PruneError):
+        heal_variant(
+            variant, out, teacher=str(tmp_path / "missing"), resume=True, device="cpu",
+            settings=_settings("lora", calibration=str(calibration), steps=4), progress=False,
+        )  # fmt: skip
+    assert state.read_bytes() == saved

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from prune.cli import cli
+from prune.errors import PruneError
 
 DEPTH = 6
 NAMES = ("cosine", "angular")
@@ -174,12 +175,27 @@ def test_an_interrupted_heal_resumes_from_its_saved_state(recipe, tmp_path, monk
     assert state.is_file() and not (out / "comparison.json").exists()
     assert "interrupted at step 2 of 3" in result.output
 
+    # A failure while resuming that is not about the state (here the export) keeps it.
+    saved = state.read_bytes()
+    real_export = prune.heal._export
+
+    def full_disk(*args, **kwargs):
+        raise PruneError("cannot write output folder: disk full")
+
     losses.clear()
     interrupt[0] = False
+    monkeypatch.setattr(prune.heal, "_export", full_disk)
+    result = _run(recipe, "--out", out, "--resume")
+    assert result.exit_code == 1 and "disk full" in result.output
+    assert len(losses) == 1  # the saved steps were continued, not started again
+    assert state.is_file() and state.read_bytes() != saved  # the final state, kept
+    monkeypatch.setattr(prune.heal, "_export", real_export)
+
+    losses.clear()
     result = _run(recipe, "--out", out, "--resume")
     assert result.exit_code == 0, result.output
-    # the cosine heal continued at step 2 (one step left), the angular heal ran all three
-    assert len(losses) == 1 + 3
+    # the cosine heal resumed after its last step (exporting only), the angular heal ran all three
+    assert len(losses) == 0 + 3
     assert not state.parent.exists()
     record = json.loads((_healed(out, "cosine") / "prune.json").read_text())
     assert record["healing"]["steps"] == 3 and len(record["healing"]["loss"]["curve"]) == 3
@@ -193,7 +209,6 @@ def test_a_heal_section_is_refused_under_torchrun(tmp_path, tiny_dir, monkeypatc
     monkeypatch.setenv("RANK", "0")
     path = tmp_path / "r.yaml"
     path.write_text(f"model: {tiny_dir}\nprune: {{remove: 2}}\nheal: {{steps: 2}}\n")
-    from prune.errors import PruneError
     from prune.pipeline import run_recipe
 
     with pytest.raises(PruneError, match="heal: healing trains in one process"):

@@ -851,7 +851,7 @@ def compare(
     type=click.Choice(("auto", *EXPORT_DTYPES)),
     default="auto",
     show_default=True,
-    help="Dtype of the written weights; auto = --dtype when given, else the variant's.",
+    help="Dtype of the written weights; auto = the variant's (whatever --dtype trains in).",
 )
 @device_option
 @click.option(

@@ -467,6 +467,21 @@ def comparison_sections(
     return out
 
 
+def use_section(where: str) -> list[str]:
+    """The "## Use" section's lines: load the model and tokenizer from `where`."""
+    return [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+        "```",
+        "",
+    ]
+
+
 def _usage_section(
     comparison: Mapping[str, Any], repo_id: str | None, recipe_text: str
 ) -> list[str]:
@@ -478,15 +493,7 @@ def _usage_section(
         if k in ("limit", "device")
     )
     return [
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{where}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
-        "```",
-        "",
+        *use_section(where),
         'Removing blocks without further training costs quality; fine-tuning ("healing") usually recovers part of it.',
         "",
         "## Reproduce",

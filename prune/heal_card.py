@@ -18,6 +18,7 @@ from prune.card import (
     model_index_results,
     parse_front_matter,
     render_front_matter,
+    use_section,
 )
 from prune.drop_card import MERGEKIT_FILE, render_drop_card
 
@@ -129,23 +130,6 @@ def _healed_model_index(meta: dict[str, Any], healing: Mapping[str, Any]) -> Non
     ]
 
 
-def _use_section(repo_id: str | None) -> str:
-    where = repo_id or "path/to/this/folder"
-    return "\n".join(
-        [
-            "## Use",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{where}")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
-            "```",
-            "",
-        ]
-    )
-
-
 def _split_sections(body: str) -> list[str]:
     """`body` cut before each `## ` heading (the first piece is what precedes them)."""
     pieces: list[str] = []
@@ -207,7 +191,7 @@ def healed_card(
     pieces = _split_sections("\n".join(lines).rstrip("\n") + "\n")
     kept = [p for p in pieces if not p.startswith(REPLACED_SECTIONS)]
     at = next((i for i, p in enumerate(kept) if p.startswith("## ")), len(kept))
-    kept[at:at] = [section, _use_section(repo_id)]
+    kept[at:at] = [section, "\n".join(use_section(repo_id or "path/to/this/folder"))]
     if at and (dtypes := dtype_sentence(record)):
         kept[at - 1] = kept[at - 1].rstrip("\n") + "\n\n" + dtypes + "\n"
     text = "\n".join(p.rstrip("\n") + "\n" for p in kept)

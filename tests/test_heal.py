@@ -71,6 +71,14 @@ def _heal(variant, out, calibration, method="lora", **kw):
     )
 
 
+def _cli_args(variant, out, calibration, *extra):
+    """`prune -q heal` of the tiny variant: 4 steps of 32-token chunks on the test text."""
+    return [
+        "-q", "heal", str(variant), "--out", str(out), "--steps", "4", "--seq-len", "32",
+        "--calibration", str(calibration), "--samples", "40", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("method", ["lora", "full", "adjacent"])
 def test_loss_falls_and_held_out_kl_drops(variant, calibration, tmp_path, method):
     result = _heal(variant, tmp_path / "healed", calibration, method)
@@ -188,20 +196,7 @@ def test_periodic_checkpoint_resumes(variant, calibration, tmp_path):
 
 def test_cli_heals_and_reports(variant, calibration, tmp_path):
     out = tmp_path / "healed"
-    args = [
-        "heal",
-        str(variant),
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--seq-len",
-        "32",
-        "--tasks",
-        "none",
-    ]
-    args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
-    result = CliRunner().invoke(cli, ["-q", *args])
+    result = CliRunner().invoke(cli, _cli_args(variant, out, calibration, "--tasks", "none"))
     assert result.exit_code == 0, result.output
     assert "KL to teacher" in result.output and str(out) in result.output
     assert json.loads((out / "prune.json").read_text())["healing"]["steps"] == 4
@@ -221,20 +216,7 @@ def test_cli_interrupt_names_resume(variant, calibration, tmp_path, monkeypatch)
 
     monkeypatch.setattr(heal, "distillation_loss", interrupt_third)
     out = tmp_path / "healed"
-    args = [
-        "-q",
-        "heal",
-        str(variant),
-        "--out",
-        str(out),
-        "--steps",
-        "4",
-        "--seq-len",
-        "32",
-        "--tasks",
-        "none",
-    ]
-    args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
+    args = _cli_args(variant, out, calibration, "--tasks", "none")
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 130
     lines = result.output.strip().splitlines()
@@ -406,9 +388,8 @@ def test_export_dtype_is_separate_from_the_compute_dtype(variant, calibration, t
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "healed"
-    args = ["-q", "heal", str(variant), "--out", str(out), "--steps", "2", "--seq-len", "32"]
-    args += ["--calibration", str(calibration), "--samples", "40", "--device", "cpu"]
-    result = CliRunner().invoke(cli, [*args, "--tasks", "none", "--export-dtype", "bfloat16"])
+    args = _cli_args(variant, out, calibration, "--tasks", "none", "--export-dtype", "bfloat16")
+    result = CliRunner().invoke(cli, [*args, "--steps", "2"])
     assert result.exit_code == 0, result.output
     healing = json.loads((out / "prune.json").read_text())["healing"]
     record = json.loads((out / "prune.json").read_text())

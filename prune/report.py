@@ -41,12 +41,14 @@ def _strategy_record(result: Any, baseline: Mapping[str, float]) -> dict[str, An
             "scores": final.scores,
             "mean": final.mean_score,
             "drop": final.drop,
-            "retained": {
-                t: (final.scores[t] / baseline[t] if baseline.get(t) else None)
-                for t in final.scores
-            },
+            "retained": _retained(final.scores, baseline),
         },
     }
+
+
+def _retained(scores: Mapping[str, float], baseline: Mapping[str, float]) -> dict[str, Any]:
+    """Per task, the share of the base model's score kept (None where the base scored 0)."""
+    return {t: (scores[t] / baseline[t] if baseline.get(t) else None) for t in scores}
 
 
 def _per_document(scores: Mapping[str, Any]) -> dict[str, dict[int, float]]:
@@ -133,7 +135,7 @@ def healed_record(
             "scores": scores,
             "mean": mean,
             "drop": sum(baseline.values()) / len(baseline) - mean,
-            "retained": {t: (scores[t] / baseline[t] if baseline.get(t) else None) for t in scores},
+            "retained": _retained(scores, baseline),
         },
         "stderr": {t: s.stderr for t, s in healed_scores.items()},
         "vs_base": vs_base,
